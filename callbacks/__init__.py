@@ -1,0 +1,1 @@
+"""Callbacks shared by the tasks (EMA, RNG-state capture, sample/embedding logging)."""

@@ -1,0 +1,113 @@
+"""`ZooDataModule`: reading a real dataset from `--data-dir`, or built-in demo data, into resumable loaders."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from zoo.errors import ZooError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo_root() -> Path:
+    """Where demo datasets are generated: $ZOO_DEMO_DIR, else <repo>/.zoo_cache/demo (git-ignored)."""
+    return Path(os.environ.get("ZOO_DEMO_DIR") or REPO_ROOT / ".zoo_cache" / "demo")
+
+
+class ZooDataModule(L.LightningDataModule):
+    """Base DataModule of the zoo.
+
+    A task implements `make_demo(root)` (write a small, learnable dataset in the real format under `root`) and
+    `setup(stage)` (read `self.root`). Without `data_dir` the demo set is generated once under `demo_root()` and read
+    by the same code as the real dataset. Loaders are torchdata `StatefulDataLoader`s, whose position Lightning stores in
+    checkpoints, so a run resumed mid-epoch sees exactly the batches it would have seen.
+
+    Args:
+        cfg: the task's config (batch_size, num_workers, seed, image_size, ...).
+        data_dir: the dataset root as its owners publish it; None = demo data.
+    """
+
+    DEMO_NAME: ClassVar[str] = ""
+    LAYOUT_HELP: ClassVar[str] = ""  # what the data dir must look like, for error messages
+
+    def __init__(self, cfg: Any, data_dir: str | os.PathLike | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.data_dir = Path(data_dir).expanduser() if data_dir else None
+        if self.data_dir is not None and not self.data_dir.is_dir():
+            raise ZooError(
+                f"--data-dir {self.data_dir} does not exist or is not a directory. Expected: {self.LAYOUT_HELP} "
+                f"Omit --data-dir to train on the built-in demo data."
+            )
+
+    # ----- data location -----
+    @property
+    def is_demo(self) -> bool:
+        return self.data_dir is None
+
+    @property
+    def root(self) -> Path:
+        if self.data_dir is not None:
+            return self.data_dir
+        path = demo_root() / self.DEMO_NAME
+        if not (path / ".complete").exists():
+            self._generate_demo(path)
+        return path
+
+    def _generate_demo(self, path: Path) -> None:
+        """Write the demo set to a temporary sibling, then rename: concurrent runs never see half a dataset."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            self.make_demo(tmp)
+            (tmp / ".complete").touch()
+            try:
+                tmp.rename(path)
+            except OSError:  # another process finished first
+                if not (path / ".complete").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def make_demo(self, root: Path) -> None:
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        _ = self.root  # generate the demo set once, on rank 0
+
+    # ----- what the model needs to know about the data -----
+    def config_overrides(self) -> dict[str, Any]:
+        """Config fields the data decides (e.g. num_classes, class_names); called after `setup('fit')`."""
+        return {}
+
+    # ----- loaders -----
+    def loader(self, dataset, *, train: bool, batch_size: int | None = None, **kwargs: Any) -> StatefulDataLoader:
+        """A resumable loader with the config's batch size and workers; shuffled with a seeded generator in training."""
+        workers = int(self.cfg.num_workers)
+        if "batch_sampler" in kwargs or "sampler" in kwargs:
+            shuffle = None
+        else:
+            shuffle = train
+        args: dict[str, Any] = dict(
+            batch_size=batch_size or self.cfg.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=train and "batch_sampler" not in kwargs,
+            generator=torch.Generator().manual_seed(int(self.cfg.seed)),
+        )
+        if "batch_sampler" in kwargs:
+            for k in ("batch_size", "shuffle", "drop_last"):
+                args.pop(k)
+        elif shuffle is None:
+            args.pop("shuffle")
+        args.update(kwargs)
+        return StatefulDataLoader(dataset, **args)

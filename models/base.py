@@ -1,0 +1,70 @@
+"""`ZooModule`: what every task's LightningModule shares (config, hyper-parameters, optimizer and schedule)."""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import lightning as L
+
+from model_config import BaseConfig
+from zoo.errors import ZooError
+from zoo.optim import build_optimizer, build_scheduler
+
+
+class ZooModule(L.LightningModule):
+    """Base LightningModule of the zoo.
+
+    A task sets `TASK` (its registry name) and `CONFIG` (its dataclass in model_config.py) and builds its network in
+    `__init__` from `self.cfg`. The whole config is saved as hyper-parameters, so
+    `Task.load_from_checkpoint(path)` rebuilds the model with no other argument, on any device. Loading a checkpoint
+    of another task raises a `ZooError` that names both.
+
+    Args:
+        config: a config instance, a dict of its fields (as stored in checkpoints) or None for the default preset.
+        task: the task name stored in checkpoints; checked against `TASK`.
+        **overrides: config fields to change, e.g. `DeMansia2(num_classes=100)`.
+    """
+
+    TASK: ClassVar[str] = ""
+    CONFIG: ClassVar[type[BaseConfig]] = BaseConfig
+
+    def __init__(self, config: BaseConfig | dict[str, Any] | None = None, task: str | None = None, **overrides: Any):
+        super().__init__()
+        if task is not None and task != self.TASK:
+            raise ZooError(
+                f"This checkpoint holds a '{task}' model, not a '{self.TASK}' model ({type(self).__name__}). "
+                f"Open it with the '{task}' task's class, or let `python predict.py` pick the class from the checkpoint."
+            )
+        if isinstance(config, BaseConfig):
+            cfg = config
+        elif config is None:
+            cfg = self.CONFIG.from_presets(None)
+        else:
+            cfg = self.CONFIG.from_dict(config, strict=False)
+        if overrides:
+            cfg = self.CONFIG.from_dict({**cfg.to_dict(), **overrides})
+        self.cfg = cfg
+        self.save_hyperparameters({"config": cfg.to_dict(), "task": self.TASK})
+
+    # ----- optimisation -----
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.cfg)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else self.cfg.epochs
+        total = self.trainer.estimated_stepping_batches
+        updates_per_epoch = max(1, math.ceil(total / max(1, epochs))) if math.isfinite(total) else 1
+        scheduler = build_scheduler(optimizer, self.cfg, updates_per_epoch, epochs)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.cfg.sched_interval}}
+
+    def lr_scheduler_step(self, scheduler, metric=None):
+        # timm schedulers take the epoch / update count explicitly rather than counting calls.
+        if self.cfg.sched_interval == "epoch":
+            scheduler.step(epoch=self.current_epoch + 1)
+        else:
+            scheduler.step_update(num_updates=self.global_step)
+
+    # ----- helpers for tasks -----
+    @property
+    def class_names(self) -> list[str]:
+        return list(getattr(self.cfg, "class_names", ()) or [])

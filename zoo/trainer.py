@@ -1,0 +1,165 @@
+"""The one place a Trainer is built: loggers, checkpointing, progress bar, precision, devices and strategy."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    RichModelSummary,
+    RichProgressBar,
+)
+
+from callbacks.rng_state import RNGStateCallback
+from zoo.errors import ZooError
+
+CHECKPOINT_ROOT = Path(os.environ.get("ZOO_CHECKPOINT_DIR") or Path(__file__).resolve().parent.parent / "checkpoints")
+
+
+@dataclass
+class RunOptions:
+    """Trainer-level options from the command line (model hyper-parameters live in the model's config)."""
+
+    model: str
+    run_dir: Path
+    epochs: int
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str | None = None  # None: bf16-mixed on a GPU, 32-true on the CPU
+    accumulate: int = 1
+    grad_clip: float = 0.0
+    logger: str = "wandb"  # wandb | csv | none
+    wandb_project: str | None = None
+    log_model: bool = False
+    fast_dev_run: bool = False
+    max_steps: int = -1
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    save_top_k: int = 1
+    ckpt_every_n_steps: int = 0
+    deterministic: bool = False
+    progress: str = "rich"  # rich | tqdm | none
+
+
+def default_precision() -> str:
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def wandb_online_possible(timeout: float = 1.5) -> tuple[bool, str]:
+    """(True, '') when an API key is configured and the W&B server answers; else (False, why)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return False, f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        has_key = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    if not has_key:
+        return False, "no W&B API key (run `wandb login` or set WANDB_API_KEY)"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+    except OSError:
+        return False, f"no network connection to {host}"
+    return True, ""
+
+
+def build_logger(opts: RunOptions, config: dict[str, Any]):
+    """W&B (offline when there is no key or network: training never blocks), CSV, or none."""
+    if opts.fast_dev_run or opts.logger == "none":
+        return False
+    if opts.logger == "csv":
+        return L.pytorch.loggers.CSVLogger(save_dir=str(opts.run_dir), name="", version="csv")
+    if opts.logger != "wandb":
+        raise ZooError(f"--logger {opts.logger}: choose wandb, csv or none.")
+    from lightning.pytorch.loggers import WandbLogger
+
+    online, why = wandb_online_possible()
+    if not online:
+        print(f"[train] W&B offline ({why}): the run is saved under {opts.run_dir / 'wandb'}; "
+              f"upload it later with `wandb sync {opts.run_dir / 'wandb'}/offline-run-*`.")
+    # The run id is kept in the run directory so a resumed run continues the same W&B run.
+    id_file = opts.run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    logger = WandbLogger(
+        project=opts.wandb_project or f"mamba-zoo-{opts.model}",
+        name=opts.run_dir.name,
+        save_dir=str(opts.run_dir),
+        offline=not online,
+        log_model=opts.log_model if online else False,
+        id=run_id,
+        resume="allow" if run_id else None,
+        config=config,
+    )
+    if run_id is None:
+        id_file.write_text(logger.version or "")
+    return logger
+
+
+def build_callbacks(opts: RunOptions) -> list[L.Callback]:
+    """Checkpointing (last.ckpt always, best-k by the task's monitor, a checkpoint on any crash or Ctrl-C)."""
+    ckpt_dir = opts.run_dir
+    monitor_name = opts.monitor.replace("/", "_")
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best-{epoch:03d}-{step}-" + monitor_name + "={" + opts.monitor + ":.4f}",
+            auto_insert_metric_name=False,
+            monitor=opts.monitor,
+            mode=opts.monitor_mode,
+            save_top_k=opts.save_top_k,
+            save_last=True,
+        ),
+        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="last"),
+        RNGStateCallback(),
+    ]
+    if opts.ckpt_every_n_steps > 0:
+        # A second checkpointer that only refreshes last.ckpt mid-epoch, so a killed run loses at most N steps.
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}", save_top_k=0, save_last=True,
+                                         every_n_train_steps=opts.ckpt_every_n_steps, save_on_train_epoch_end=False))
+    if opts.progress == "rich":
+        callbacks += [RichProgressBar(leave=True), RichModelSummary(max_depth=2)]
+    if opts.logger != "none" and not opts.fast_dev_run:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks
+
+
+def build_trainer(opts: RunOptions, config: dict[str, Any]) -> L.Trainer:
+    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    (opts.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    kwargs: dict[str, Any] = dict(
+        default_root_dir=str(opts.run_dir),
+        max_epochs=opts.epochs,
+        max_steps=opts.max_steps,
+        accelerator="auto",
+        devices=opts.devices,
+        num_nodes=opts.num_nodes,
+        strategy=opts.strategy,
+        precision=opts.precision or default_precision(),
+        accumulate_grad_batches=opts.accumulate,
+        gradient_clip_val=opts.grad_clip or None,
+        logger=build_logger(opts, config),
+        callbacks=build_callbacks(opts),
+        fast_dev_run=opts.fast_dev_run,
+        deterministic=opts.deterministic,
+        enable_progress_bar=opts.progress != "none",
+        enable_model_summary=opts.progress != "none",
+        log_every_n_steps=10,
+    )
+    if opts.limit_train_batches is not None:
+        kwargs["limit_train_batches"] = opts.limit_train_batches
+    if opts.limit_val_batches is not None:
+        kwargs["limit_val_batches"] = opts.limit_val_batches
+    return L.Trainer(**kwargs)
