@@ -180,7 +180,9 @@ class DeMansia2Config(BaseConfig):
     d_model: int = 96
     depth: int = 6
     attn_layers: tuple[int, ...] = (4,)  # layers whose mixer is multi-head attention instead of Mamba-2
-    num_heads: int = 2  # attention heads (head dim = d_model / num_heads)
+    num_heads: int = 2  # attention heads
+    attn_head_dim: int = 48  # per-head width of the attention layers (published: 96, not d_model / num_heads)
+    rotary_dim: int = 24  # rotary embedding on the first rotary_dim channels of each head (published: 48)
     d_state: int = 32
     d_conv: int = 4
     expand: int = 2
@@ -193,6 +195,7 @@ class DeMansia2Config(BaseConfig):
     num_classes: int = 10  # set from the data
     class_names: tuple[str, ...] = ()  # set from the data, saved in checkpoints for predict
     image_size: int = 64
+    crop_pct: float = 0.875  # eval: resize to image_size / crop_pct, center crop image_size (224 <- 256)
     # training
     label_smoothing: float = 0.1
     token_label_dir: str | None = None  # LV-ViT token labels: <dir>/<class>/<stem>.pt
@@ -221,10 +224,10 @@ class DeMansia2Config(BaseConfig):
                       patch_size=4, stem_channels=32, epochs=30, batch_size=32, lr=1e-3, warmup_epochs=1.0,
                       weight_decay=0.05, ema_decay=0.99, randaugment="", random_erasing=0.0, crop_scale_min=0.5,
                       num_workers=2),
-        "tiny": dict(d_model=192, depth=24, attn_layers=(10, 20), num_heads=3, d_state=128, headdim=48,
-                     image_size=224, patch_size=8, stem_channels=64, num_classes=1000),
-        "small": dict(d_model=384, depth=24, attn_layers=(10, 20), num_heads=6, d_state=128, headdim=96,
-                      image_size=224, patch_size=8, stem_channels=64, num_classes=1000),
+        "tiny": dict(d_model=192, depth=24, attn_layers=(10, 20), num_heads=3, attn_head_dim=96, rotary_dim=48,
+                     d_state=128, headdim=48, image_size=224, patch_size=8, stem_channels=64, num_classes=1000),
+        "small": dict(d_model=384, depth=24, attn_layers=(10, 20), num_heads=6, attn_head_dim=96, rotary_dim=48,
+                      d_state=128, headdim=96, image_size=224, patch_size=8, stem_channels=64, num_classes=1000),
         "published": dict(scan_mode="legacy", optimizer="lion", lr=1e-4, weight_decay=0.5, betas=(0.9, 0.99),
                           no_decay_on_norm_bias=False, warmup_epochs=10.0, warmup_lr=1e-7, min_lr=1e-6,
                           sched_interval="epoch", epochs=300, batch_size=256, accumulate=4, ema_decay=0.9999,
@@ -242,12 +245,13 @@ class AgeGenderConfig(BaseConfig):
     head_hidden: int = 128
     dropout: float = 0.2
     max_age: float = 116.0
-    age_loss: Literal["l1", "smooth_l1"] = "smooth_l1"
+    age_loss: Literal["l1", "smooth_l1"] = "smooth_l1"  # on age / max_age
+    age_beta: float = 2.0  # smooth-L1 transition in years: quadratic below, linear above
     age_weight: float = 1.0
     gender_weight: float = 1.0
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test fractions
     stratify: bool = True  # stratify the split by age decade and gender
-    image_size: int = 224
+    image_size: int | None = None  # None = the backbone's own input size (timm data config)
     optimizer: Literal["adamw", "adam", "lion", "sgd"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -287,10 +291,13 @@ class FaceConfig(BaseConfig):
     image_size: int = 128
     loss: Literal["triplet", "arcface", "cosface"] = "triplet"
     miner: Literal["all", "semihard", "hard", "none"] = "semihard"
-    margin: float = 0.2  # triplet margin; for ArcFace degrees, for CosFace the additive cosine margin
+    margin: float | None = None  # None = the loss's usual one: triplet 0.2, ArcFace 28.6 (degrees), CosFace 0.35
     scale: float = 64.0  # ArcFace / CosFace scale
     stage2_miner: Literal["all", "semihard", "hard", "none"] | None = None  # upstream's two-stage schedule
-    stage2_epoch: int = 0  # epoch at which stage 2 starts (fresh optimiser and schedule)
+    stage2_epoch: int = 0  # epoch at which stage 2 starts (fresh optimiser and schedule); 0 = one stage
+    num_classes: int = 0  # training identities, set from the data (ArcFace / CosFace class weights)
+    augment: Literal["none", "light", "heavy"] = "light"  # heavy = upstream's augmentation list
+    pairs_file: str | None = None  # pairs.txt for 10-fold verification; None = <data-dir>/pairs.txt if present
     m_per_class: int = 2  # K images per identity in each batch
     min_images_per_person: int = 2
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -311,8 +318,8 @@ class FaceConfig(BaseConfig):
         "published": dict(backbone="mamba", patch_size=8, d_model=128, depth=6, d_state=64, d_conv=4, expand=2,
                           headdim=32, bidirectional=False, pos_embed=False, embedding_dim=128, image_size=128,
                           loss="triplet", miner="all", margin=0.2, stage2_miner="hard", m_per_class=2,
-                          optimizer="adamw", lr=3e-3, warmup_epochs=10.0, min_lr=1e-6, sched_interval="epoch",
-                          epochs=10, batch_size=32),
+                          stage2_epoch=10, optimizer="adamw", lr=3e-3, warmup_epochs=10.0, min_lr=1e-6,
+                          sched_interval="epoch", epochs=20, batch_size=32, augment="heavy"),
     }
     DEFAULT_PRESET: ClassVar[str | None] = "micro"
 

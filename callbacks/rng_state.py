@@ -16,7 +16,19 @@ class RNGStateCallback(L.Callback):
     augmentations, dropout masks and MixToken boxes as the uninterrupted run.
     """
 
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        # Recorded after every completed step: a crash checkpoint taken while the next batch is in flight must not
+        # include the random draws of that batch, which the resumed run will replay.
+        self._recorded = self._capture()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._recorded = None
+
     def state_dict(self) -> dict[str, Any]:
+        return getattr(self, "_recorded", None) or self._capture()
+
+    @staticmethod
+    def _capture() -> dict[str, Any]:
         # Plain types and tensors only, so checkpoints load with torch.load(weights_only=True).
         name, keys, pos, has_gauss, cached = np.random.get_state()
         state = {

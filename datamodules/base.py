@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from datamodules.samplers import EpochShuffleSampler
 from zoo.errors import ZooError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -89,25 +90,25 @@ class ZooDataModule(L.LightningDataModule):
 
     # ----- loaders -----
     def loader(self, dataset, *, train: bool, batch_size: int | None = None, **kwargs: Any) -> StatefulDataLoader:
-        """A resumable loader with the config's batch size and workers; shuffled with a seeded generator in training."""
+        """A resumable loader with the config's batch size and workers.
+
+        Training loaders shuffle with `EpochShuffleSampler` (order = f(seed, epoch)) unless a `sampler` or
+        `batch_sampler` is given; samplers of your own should also derive their order from (seed, epoch) via
+        `set_epoch`, or a resumed run will not see the same batches.
+        """
         workers = int(self.cfg.num_workers)
-        if "batch_sampler" in kwargs or "sampler" in kwargs:
-            shuffle = None
-        else:
-            shuffle = train
         args: dict[str, Any] = dict(
             batch_size=batch_size or self.cfg.batch_size,
-            shuffle=shuffle,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=train and "batch_sampler" not in kwargs,
-            generator=torch.Generator().manual_seed(int(self.cfg.seed)),
+            drop_last=train,
+            generator=torch.Generator().manual_seed(int(self.cfg.seed)),  # worker seeds
         )
         if "batch_sampler" in kwargs:
-            for k in ("batch_size", "shuffle", "drop_last"):
+            for k in ("batch_size", "drop_last"):
                 args.pop(k)
-        elif shuffle is None:
-            args.pop("shuffle")
+        elif train and "sampler" not in kwargs:
+            args["sampler"] = EpochShuffleSampler(dataset, int(self.cfg.seed))
         args.update(kwargs)
         return StatefulDataLoader(dataset, **args)

@@ -50,12 +50,32 @@ class ZooModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = build_optimizer(self, self.cfg)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else self.cfg.epochs
-        total = self.trainer.estimated_stepping_batches
-        updates_per_epoch = max(1, math.ceil(total / max(1, epochs))) if math.isfinite(total) else 1
-        scheduler = build_scheduler(optimizer, self.cfg, updates_per_epoch, epochs)
+        scheduler = build_scheduler(optimizer, self.cfg, self._updates_per_epoch(), epochs)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.cfg.sched_interval}}
+
+    def _updates_per_epoch(self) -> int:
+        """Optimizer steps per epoch, computed from the datamodule's loader length.
+
+        `trainer.estimated_stepping_batches` is avoided on purpose: it builds the train loader before Lightning restores
+        the loop state, and the saved loader position is then never applied on `--resume`.
+        """
+        trainer = self.trainer
+        dm = getattr(trainer, "datamodule", None)
+        try:
+            n = len(dm.train_dataloader()) if dm is not None else 0
+        except (TypeError, NotImplementedError):
+            n = 0
+        if n == 0:
+            return 1
+        n = math.ceil(n / max(1, trainer.world_size))
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            n = min(n, limit)
+        elif limit is not None and limit < 1.0:
+            n = max(1, int(n * limit))
+        return max(1, math.ceil(n / max(1, trainer.accumulate_grad_batches)))
 
     def lr_scheduler_step(self, scheduler, metric=None):
         # timm schedulers take the epoch / update count explicitly rather than counting calls.
@@ -63,6 +83,11 @@ class ZooModule(L.LightningModule):
             scheduler.step(epoch=self.current_epoch + 1)
         else:
             scheduler.step_update(num_updates=self.global_step)
+
+    # ----- inference -----
+    def predict_commands(self) -> list:
+        """The task's `predict.py` verbs (`models.commands.Command`); none by default."""
+        return []
 
     # ----- helpers for tasks -----
     @property

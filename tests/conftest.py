@@ -68,3 +68,16 @@ def _import_mamba_ssm_refs() -> types.SimpleNamespace:
 def mamba_ref() -> types.SimpleNamespace:
     """mamba-ssm's references (its modules and `*_ref` functions), imported once per test session (~5 s)."""
     return _import_mamba_ssm_refs()
+
+
+@pytest.fixture
+def toy_registered(tmp_path, monkeypatch):
+    """Registers the test-only 'toy' task and points checkpoints and demo data at a temporary folder."""
+    import model_config
+    import zoo.trainer
+    from toy_task import ENTRY
+
+    monkeypatch.setitem(model_config.REGISTRY, "toy", ENTRY)
+    monkeypatch.setattr(zoo.trainer, "CHECKPOINT_ROOT", tmp_path / "checkpoints")
+    monkeypatch.setenv("ZOO_DEMO_DIR", str(tmp_path / "demo"))
+    return tmp_path

@@ -13,11 +13,11 @@ import torch
 from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
-    OnExceptionCheckpoint,
     RichModelSummary,
     RichProgressBar,
 )
 
+from callbacks.final_checkpoint import CrashCheckpoint, FinalCheckpoint
 from callbacks.rng_state import RNGStateCallback
 from zoo.errors import ZooError
 
@@ -121,14 +121,16 @@ def build_callbacks(opts: RunOptions) -> list[L.Callback]:
             mode=opts.monitor_mode,
             save_top_k=opts.save_top_k,
             save_last=True,
+            enable_version_counter=False,  # one last.ckpt per run, whichever checkpointer wrote it last
         ),
-        OnExceptionCheckpoint(dirpath=ckpt_dir, filename="last"),
+        CrashCheckpoint(dirpath=ckpt_dir, filename="last"),
+        FinalCheckpoint(ckpt_dir),
         RNGStateCallback(),
     ]
     if opts.ckpt_every_n_steps > 0:
         # A second checkpointer that only refreshes last.ckpt mid-epoch, so a killed run loses at most N steps.
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}", save_top_k=0, save_last=True,
-                                         every_n_train_steps=opts.ckpt_every_n_steps, save_on_train_epoch_end=False))
+                                         every_n_train_steps=opts.ckpt_every_n_steps, enable_version_counter=False))
     if opts.progress == "rich":
         callbacks += [RichProgressBar(leave=True), RichModelSummary(max_depth=2)]
     if opts.logger != "none" and not opts.fast_dev_run:

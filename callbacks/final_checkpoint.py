@@ -1,0 +1,56 @@
+"""last.ckpt that is never lost: written when fit ends at an unsaved step, and when a run crashes or is interrupted."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+
+class FinalCheckpoint(L.Callback):
+    """Saves `<dirpath>/last.ckpt` at the end of fit unless a ModelCheckpoint already saved that global step
+    (e.g. `--max-steps` stopping mid-epoch)."""
+
+    def __init__(self, dirpath: str | Path):
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        saved = [cb._last_global_step_saved for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        if trainer.global_step not in saved:
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+
+class CrashCheckpoint(OnExceptionCheckpoint):
+    """Lightning's OnExceptionCheckpoint, writing last.ckpt on any exception or Ctrl-C.
+
+    Unlike the parent, it does not delete that file on a normal teardown (the parent treats its file as a temporary,
+    which would remove the run's last.ckpt). A crash usually comes while a batch is in flight: the loader has already
+    yielded it but the weights do not include it yet. The loader position saved is therefore the one recorded after
+    the last completed step, so the resumed run replays that batch and reaches the same global step as planned.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loader_states = None
+        self._crashing = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        loader = trainer.fit_loop._combined_loader
+        self._loader_states = loader._state_dicts() if loader is not None else None
+
+    def on_exception(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        self._crashing = True
+        try:
+            super().on_exception(trainer, *args, **kwargs)
+        finally:
+            self._crashing = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict")
+        if self._crashing and self._loader_states and fit_state is not None:
+            fit_state["combined_loader"] = self._loader_states
+
+    def teardown(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        pass

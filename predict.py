@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""The one inference entrypoint: reads the task from the checkpoint and offers that task's verbs.
+
+    python predict.py --ckpt checkpoints/demansia2/<run>/last.ckpt --help        # the verbs of that task
+    python predict.py --ckpt last.ckpt classify img1.jpg img2.jpg --json
+    python predict.py --ckpt face.ckpt compare a.jpg b.jpg
+    python predict.py --ckpt agegender.ckpt export --out model.onnx
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from zoo.errors import ZooError, unknown  # noqa: E402
+
+
+def run(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--ckpt")
+    pre.add_argument("--device", default="cpu")
+    known, _ = pre.parse_known_args(argv)
+    if not known.ckpt:
+        if any(a in ("-h", "--help") for a in argv) or not argv:
+            print(__doc__)
+            return 0
+        raise ZooError("predict.py needs --ckpt PATH (a checkpoint written by train.py; the task is read from it).")
+
+    from zoo.checkpoint import load_model
+
+    model = load_model(known.ckpt, map_location=known.device)
+    commands = {}
+    for c in model.predict_commands():
+        commands.update({name: c for name in (c.name, *c.aliases)})
+    parser = argparse.ArgumentParser(prog="predict.py", description=f"Commands of the '{model.TASK}' task.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for c in model.predict_commands():
+        c.add_arguments(sub.add_parser(c.name, aliases=list(c.aliases), help=c.help, description=c.help))
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    if args.verb not in commands:
+        raise unknown("command", args.verb, commands)
+    return commands[args.verb].run(model, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except ZooError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
