@@ -70,6 +70,16 @@ def mamba_ref() -> types.SimpleNamespace:
     return _import_mamba_ssm_refs()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _demo_and_checkpoints_in_tmp(tmp_path_factory):
+    """Demo datasets are generated once per session in a temporary folder; runs never write into the repo."""
+    import zoo.trainer
+
+    os.environ["ZOO_DEMO_DIR"] = str(tmp_path_factory.mktemp("demo"))
+    zoo.trainer.CHECKPOINT_ROOT = tmp_path_factory.mktemp("checkpoints")
+    yield
+
+
 @pytest.fixture
 def toy_registered(tmp_path, monkeypatch):
     """Registers the test-only 'toy' task and points checkpoints and demo data at a temporary folder."""

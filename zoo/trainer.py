@@ -92,7 +92,12 @@ def build_logger(opts: RunOptions, config: dict[str, Any]):
               f"upload it later with `wandb sync {opts.run_dir / 'wandb'}/offline-run-*`.")
     # The run id is kept in the run directory so a resumed run continues the same W&B run.
     id_file = opts.run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else None
+    resuming = id_file.exists() and id_file.read_text().strip()
+    if not resuming:
+        import secrets
+
+        id_file.write_text(secrets.token_hex(4))  # W&B run ids are short [a-z0-9] strings
+    run_id = id_file.read_text().strip()
     logger = WandbLogger(
         project=opts.wandb_project or f"mamba-zoo-{opts.model}",
         name=opts.run_dir.name,
@@ -100,11 +105,9 @@ def build_logger(opts: RunOptions, config: dict[str, Any]):
         offline=not online,
         log_model=opts.log_model if online else False,
         id=run_id,
-        resume="allow" if run_id else None,
+        resume="allow" if resuming else None,
         config=config,
     )
-    if run_id is None:
-        id_file.write_text(logger.version or "")
     return logger
 
 
