@@ -83,9 +83,10 @@ def _demo_and_checkpoints_in_tmp(tmp_path_factory):
 @pytest.fixture
 def toy_registered(tmp_path, monkeypatch):
     """Registers the test-only 'toy' task and points checkpoints and demo data at a temporary folder."""
+    from toy_task import ENTRY
+
     import model_config
     import zoo.trainer
-    from toy_task import ENTRY
 
     monkeypatch.setitem(model_config.REGISTRY, "toy", ENTRY)
     monkeypatch.setattr(zoo.trainer, "CHECKPOINT_ROOT", tmp_path / "checkpoints")

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model_config
 import train
-from model_config import REGISTRY, DeMansia2Config, parse_value
+from model_config import REGISTRY, parse_value
 from zoo.errors import ZooError
 
 DESIGN_TASKS = {"demansia2", "hand", "agegender", "face", "palm"}
