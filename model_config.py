@@ -220,10 +220,11 @@ class DeMansia2Config(BaseConfig):
     monitor_mode: Literal["min", "max"] = "max"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "micro": dict(d_model=96, depth=6, attn_layers=(4,), num_heads=2, d_state=32, headdim=24, image_size=64,
-                      patch_size=4, stem_channels=32, epochs=30, batch_size=32, lr=1e-3, warmup_epochs=1.0,
-                      weight_decay=0.05, ema_decay=0.99, randaugment="", random_erasing=0.0, crop_scale_min=0.5,
-                      num_workers=2),
+        # CPU demo: 64 px images, 8x8 tokens, 4 layers (attention at 2); ~0.2M parameters.
+        "micro": dict(d_model=64, depth=4, attn_layers=(2,), num_heads=2, attn_head_dim=32, rotary_dim=16,
+                      d_state=16, headdim=16, chunk_size=64, image_size=64, patch_size=4, stem_channels=32,
+                      epochs=5, batch_size=32, lr=1e-3, warmup_epochs=1.0, weight_decay=0.05, ema_decay=0.99,
+                      randaugment="", random_erasing=0.0, crop_scale_min=0.5, num_workers=2),
         "tiny": dict(d_model=192, depth=24, attn_layers=(10, 20), num_heads=3, attn_head_dim=96, rotary_dim=48,
                      d_state=128, headdim=48, image_size=224, patch_size=8, stem_channels=64, num_classes=1000),
         "small": dict(d_model=384, depth=24, attn_layers=(10, 20), num_heads=6, attn_head_dim=96, rotary_dim=48,
@@ -231,7 +232,8 @@ class DeMansia2Config(BaseConfig):
         "published": dict(scan_mode="legacy", optimizer="lion", lr=1e-4, weight_decay=0.5, betas=(0.9, 0.99),
                           no_decay_on_norm_bias=False, warmup_epochs=10.0, warmup_lr=1e-7, min_lr=1e-6,
                           sched_interval="epoch", epochs=300, batch_size=256, accumulate=4, ema_decay=0.9999,
-                          label_smoothing=0.0, drop_path=0.0),
+                          label_smoothing=0.1, drop_path=0.0, randaugment="rand-m9-mstd0.5-inc1",
+                          random_erasing=0.25, crop_scale_min=0.08, mix_token=True, ema=True),
     }
     DEFAULT_PRESET: ClassVar[str | None] = "micro"
 
@@ -290,7 +292,7 @@ class FaceConfig(BaseConfig):
     embedding_dim: int = 256
     image_size: int = 128
     loss: Literal["triplet", "arcface", "cosface"] = "triplet"
-    miner: Literal["all", "semihard", "hard", "none"] = "semihard"
+    miner: Literal["all", "semihard", "hard", "none"] = "all"  # triplet miner; "all" keeps train/loss informative
     margin: float | None = None  # None = the loss's usual one: triplet 0.2, ArcFace 28.6 (degrees), CosFace 0.35
     scale: float = 64.0  # ArcFace / CosFace scale
     stage2_miner: Literal["all", "semihard", "hard", "none"] | None = None  # upstream's two-stage schedule

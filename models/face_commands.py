@@ -1,0 +1,160 @@
+"""`predict.py` verbs of the face task: compare (alias predict), evaluate, visualize."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from models.commands import Command
+from zoo.errors import ZooError
+from zoo.images import load_rgb
+
+NAMES = {"precision_at_1": "Recall@1 (precision@1)", "r_precision": "R-Precision", "mean_average_precision_at_r": "MAP@R"}
+
+
+def embed_items(model, paths: list, batch_size: int = 64, with_thumbnails: bool = False):
+    """Embeddings (N, D) float32 of image files, preprocessed as in validation; optionally also small thumbnails
+    (data URIs) for the HTML page."""
+    from callbacks.embeddings import thumbnail_b64
+    from datamodules.lfw import build_transform
+
+    transform = build_transform(model.cfg.image_size)
+    was_training = model.training
+    chunks, thumbs = [], []
+    for i in range(0, len(paths), batch_size):
+        images = [load_rgb(p) for p in paths[i:i + batch_size]]
+        if with_thumbnails:
+            thumbs += [thumbnail_b64(im) for im in images]
+        chunks.append(model.embed(torch.stack([transform(image=im)["image"] for im in images])))
+    model.train(was_training)
+    emb = torch.cat(chunks) if chunks else torch.empty(0, model.cfg.embedding_dim)
+    return (emb, thumbs) if with_thumbnails else emb
+
+
+def _identities(folder: str, split: str, min_images: int):
+    """{person: images} of a folder in either face layout (see datamodules.lfw), and the layout."""
+    from datamodules.lfw import detect_layout, scan_people
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ZooError(f"{root} is not a folder. Expected a folder of identities: <folder>/<person>/<image>.")
+    layout = detect_layout(root)
+    people = scan_people(layout.root / split if layout.kind == "split" else layout.root)
+    people = {n: ims for n, ims in people.items() if len(ims) >= min_images}
+    if not people:
+        raise ZooError(f"{root}: no identity with at least {min_images} images (--min-images).")
+    return people, layout
+
+
+# ----- compare -----
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--threshold", type=float, default=None, help="cosine threshold (default: the one calibrated on "
+                   "validation and stored in the checkpoint)")
+    p.add_argument("--json", action="store_true")
+
+
+def _compare(model, args) -> int:
+    emb = embed_items(model, [args.image_a, args.image_b])
+    sim = float((emb[0] * emb[1]).sum())
+    thr = float(model.threshold) if args.threshold is None else args.threshold
+    same = sim >= thr
+    if args.json:
+        print(json.dumps({"similarity": sim, "threshold": thr, "same": same}))
+    else:
+        print(f"cosine similarity {sim:.4f} -> {'same person' if same else 'different people'} "
+              f"(threshold {thr:.4f}{', calibrated on validation' if args.threshold is None else ''})")
+    return 0
+
+
+# ----- evaluate -----
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="identities: <folder>/<person>/<image> (LFW layout) or <folder>/{train,val,test}/...")
+    p.add_argument("--split", default="test", help="with the pre-split layout: which split (default test)")
+    p.add_argument("--min-images", type=int, default=2, help="people with fewer images are left out of retrieval")
+    p.add_argument("--pairs", nargs="?", const="auto", default=None, metavar="PAIRS_TXT",
+                   help="also run the k-fold verification protocol of this pairs.txt (no value: the pairs.txt found "
+                        "beside the images); image paths are resolved under the LFW people folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+
+
+def _evaluate(model, args) -> int:
+    from datamodules.lfw_pairs import read_pairs
+    from models.face import verify_pairs
+    from models.face_metrics import calibrate_threshold, retrieval_metrics
+
+    people, layout = _identities(args.folder, args.split, args.min_images)
+    paths = [p for n in sorted(people) for p in people[n]]
+    labels = torch.tensor([i for i, n in enumerate(sorted(people)) for _ in people[n]])
+    emb = embed_items(model, paths, args.batch_size)
+    result: dict = {"images": len(paths), "identities": len(people), **retrieval_metrics(emb, labels)}
+    thr, acc = calibrate_threshold(emb, labels)
+    result.update(best_threshold_here=thr, balanced_pair_acc=acc, checkpoint_threshold=float(model.threshold))
+    verification = None
+    if args.pairs:
+        pairs_file = layout.pairs_file if args.pairs == "auto" else Path(args.pairs)
+        if pairs_file is None:
+            raise ZooError(f"--pairs: no pairs.txt beside the images in {layout.root}; give its path: --pairs PATH.")
+        pairs = read_pairs(pairs_file, layout.root)
+        images = sorted({p for pair in pairs for p in (pair.a, pair.b)})
+        verification = verify_pairs(embed_items(model, images, args.batch_size), images, pairs)
+        result["verification"] = verification.to_dict()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['identities']} identities, {result['images']} images")
+    for k, name in NAMES.items():
+        print(f"{name:<24}{result[k]:.4f}")
+    print(f"{'best threshold here':<24}{thr:.4f} (balanced pair accuracy {acc:.4f}; checkpoint's {model.threshold:.4f})")
+    if verification is not None:
+        print(f"\n{len(verification.accuracies)}-fold verification ({pairs_file}):\n{verification.table()}")
+    return 0
+
+
+# ----- visualize -----
+def _visualize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="identities: <folder>/<person>/<image> (or the pre-split layout, see --split)")
+    p.add_argument("--split", default="test", help="with the pre-split layout: which split (default test)")
+    p.add_argument("--out", default="embeddings.html", help="HTML page to write (default embeddings.html)")
+    p.add_argument("--method", choices=["tsne", "pca"], default="tsne")
+    p.add_argument("--perplexity", type=float, default=15.0, help="t-SNE perplexity (upstream 15)")
+    p.add_argument("--min-images", type=int, default=1)
+    p.add_argument("--max-images", type=int, default=3000, help="draw at most this many images (whole identities)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _visualize(model, args) -> int:
+    from callbacks.embeddings import log_html_to_wandb, project_2d, write_embedding_html
+
+    people, _ = _identities(args.folder, args.split, args.min_images)
+    paths, names = [], []
+    for n in sorted(people):
+        if paths and len(paths) + len(people[n]) > args.max_images:
+            break
+        paths += people[n]
+        names += [n] * len(people[n])
+    emb, thumbs = embed_items(model, paths, with_thumbnails=True)
+    coords = project_2d(emb.numpy(), args.method, args.perplexity, args.seed)
+    out = write_embedding_html(args.out, coords, names, [p.name for p in paths], thumbs,
+                               title=f"{len(paths)} faces of {len(set(names))} people ({args.method})")
+    logged = log_html_to_wandb(out)
+    print(f"wrote {out} ({len(paths)} points){' and logged it to W&B' if logged else ''}")
+    return 0
+
+
+def face_commands() -> list[Command]:
+    return [
+        Command("compare", "two images -> cosine similarity and same/different at the calibrated threshold",
+                _compare_args, _compare, aliases=("predict",)),
+        Command("evaluate", "retrieval metrics (Recall@1, R-Precision, MAP@R) on a folder of identities, and the "
+                "k-fold verification table with --pairs", _evaluate_args, _evaluate),
+        Command("visualize", "2-D map (t-SNE / PCA) of a folder's embeddings as an interactive HTML page with "
+                "thumbnails, logged to W&B when a run is active", _visualize_args, _visualize),
+    ]
+
+
+
