@@ -35,19 +35,20 @@ def causal_conv1d_portable(
     """
     silu = _check_activation(activation)
     dim, width = weight.shape
-    seqlen = x.shape[-1]
-    xw = x.to(weight.dtype)
+    # Work in (B, L, D) memory order: x usually is a transposed view of a (B, L, D) projection, and a channels-last
+    # depthwise conv2d returns (B, D, L) whose transpose is contiguous again, so neither pass nor backward copies.
+    xt = x.transpose(1, 2).to(weight.dtype)
     if initial_states is None:
-        xp = F.pad(xw, (width - 1, 0))
+        xp = F.pad(xt, (0, 0, width - 1, 0))
     else:
-        xp = torch.cat([initial_states.to(weight.dtype), xw], dim=-1)
-    out = F.conv1d(xp, weight.unsqueeze(1), bias, groups=dim)
+        xp = torch.cat([initial_states.transpose(1, 2).to(weight.dtype), xt], dim=1)
+    out = F.conv2d(xp.transpose(1, 2).unsqueeze(2), weight[:, None, None, :], bias, groups=dim).squeeze(2)
     if silu:
         out = F.silu(out)
     out = out.to(x.dtype)
     if not return_final_states:
         return out
-    return out, xp[..., xp.shape[-1] - (width - 1):].to(x.dtype)
+    return out, xp[:, xp.shape[1] - (width - 1):].transpose(1, 2).to(x.dtype)
 
 
 def causal_conv1d_fn(

@@ -55,8 +55,11 @@ def kernels_available() -> bool:
     global _available
     if _available is None:
         try:
-            importlib.import_module("selective_scan_cuda")
-            importlib.import_module("causal_conv1d_cuda")
+            # Real extensions, not the empty stand-ins tests put in sys.modules to import mamba-ssm on a CPU.
+            if not hasattr(importlib.import_module("selective_scan_cuda"), "fwd"):
+                raise ImportError("selective_scan_cuda is a stand-in")
+            if not hasattr(importlib.import_module("causal_conv1d_cuda"), "causal_conv1d_fwd"):
+                raise ImportError("causal_conv1d_cuda is a stand-in")
             for name in ("mamba_chunk_scan_combined", "causal_conv1d_fn", "selective_scan_fn"):
                 _resolve(name)
             _available = True

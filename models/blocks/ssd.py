@@ -6,11 +6,13 @@ Recurrence per head h (state S_t of shape (P, N), one step per token t):
     S_t  = exp(dt_t * A) * S_{t-1} + dt_t * x_t B_t^T
     y_t  = S_t C_t + D * x_t,  then  y_t *= silu(z_t)  when z is given
 
-The portable scan splits the sequence into chunks of at most `chunk_size` tokens: inside a chunk the outputs are a
-masked (decay-weighted) attention-like product, across chunks the states are passed by one small matrix product over
-the chunk boundaries. Everything is batched tensor algebra (no Python loop over time or chunks), autograd gives the
-backward pass, any length works (padded internally), and float32 / float64 / bfloat16 are supported (bfloat16 is
-computed in float32).
+The portable scan splits the sequence into equal chunks of at most `chunk_size` tokens: inside a chunk the outputs
+are a masked, decay-weighted attention-like product, across chunks the states are passed by one small matrix product
+over the chunk boundaries. Inside a chunk the decay exp(Acs_i - Acs_j) is factorised as exp(Acs_i - m) exp(m - Acs_j)
+around the chunk's centre m whenever that cannot overflow, which needs one (q, q) matrix per group instead of one per
+head (far fewer elementwise passes); chunks that decay too much take the per-head matrix. Everything is batched tensor
+algebra (no Python loop over time or chunks), autograd gives the backward pass, any length works (padded
+internally), and float32 / float64 / bfloat16 are supported (bfloat16 is computed in float32).
 
 Public entry points mirror mamba-ssm: `mamba_chunk_scan_combined`, `mamba_split_conv1d_scan_combined`, and
 `ssd_state_update` (selective_state_update for Mamba-2's per-head scalar A). On CUDA with the kernels available they
@@ -25,9 +27,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
-from .conv import causal_conv1d_fn, causal_conv1d_portable
+from .conv import causal_conv1d_portable
 from .kernels import get_kernel, use_kernels
-from .norm import gated_rms_norm, gated_rms_norm_portable
+from .norm import gated_rms_norm_portable
 
 NO_LIMIT = (0.0, float("inf"))
 
@@ -55,6 +57,21 @@ def _chunk_len(seqlen: int, chunk_size: int) -> int:
     return math.ceil(seqlen / nchunks)
 
 
+# exp() of arguments below these gives subnormals or zero, which CPUs compute 10-30x slower than normal results.
+# Log-decays are <= 0 and such tiny weights (< 1e-34 / 1e-304) vanish next to anything they are summed with.
+_EXP_FLOOR = {torch.float64: -700.0}
+# Largest |log-decay - chunk centre| for which the intra-chunk decay is factorised (exp(+-range) stays normal).
+_FACTOR_RANGE = {torch.float64: 600.0}
+
+
+def _decay(log_decay: Tensor, keep: Tensor | None = None) -> Tensor:
+    """exp of log-decays, floored (see _EXP_FLOOR). Entries outside the boolean mask `keep` (e.g. the acausal half
+    of a segment-sum matrix, which may hold large positive values) give exp(0) = 1, never inf: the caller zeroes
+    them with a masked factor."""
+    t = log_decay.clamp(min=_EXP_FLOOR.get(log_decay.dtype, -80.0))
+    return torch.exp(t if keep is None else t.masked_fill(~keep, 0.0))
+
+
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
                 initial_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The bare chunked scan, all tensors in one floating dtype; dt already discretised (positive).
@@ -67,51 +84,58 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     r = h // g
     q = _chunk_len(seqlen, chunk_size)
     pad = (-seqlen) % q
+    xdt = x * dt[..., None]
     if pad:
         # Padded steps have dt = 0: no input and no decay, so the final state is untouched.
-        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        xdt, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xdt, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
-    xc = rearrange(x, "b (c q) (g r) p -> b c g q (r p)", q=q, g=g)
+    xc = rearrange(xdt, "b (c q) (g r) p -> b c g q r p", q=q, g=g)
     Bc = rearrange(B, "b (c q) g n -> b c g q n", q=q)
     Cc = rearrange(C, "b (c q) g n -> b c g q n", q=q)
-    dtc = rearrange(dt, "b (c q) h -> b c h q", q=q)
-    Acs = torch.cumsum(dtc * A[:, None], dim=-1)  # (b, c, h, q): log-decay from the chunk start
+    Acs = torch.cumsum(rearrange(dt, "b (c q) h -> b c h q", q=q) * A[:, None], dim=-1)  # log-decay since chunk start
 
     # 1. Inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(Acs_i - Acs_j) dt_j x_j
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    seg = (Acs[..., :, None] - Acs[..., None, :]).masked_fill(~causal, -math.inf)
-    CB = torch.matmul(Cc, Bc.transpose(-1, -2))  # (b, c, g, q, q)
-    scores = rearrange(torch.exp(seg) * dtc[..., None, :], "b c (g r) i j -> b c g r i j", g=g) * CB[:, :, :, None]
-    xh = rearrange(xc, "b c g q (r p) -> b c g r q p", r=r)
-    y = rearrange(torch.matmul(scores, xh), "b c g r q p -> b c g q (r p)")
-
-    # 2. State each chunk contributes at its end: sum_j exp(Acs_end - Acs_j) dt_j x_j B_j^T
-    w = torch.exp(Acs[..., -1:] - Acs) * dtc  # (b, c, h, q)
-    xw = (rearrange(xc, "b c g q (r p) -> b c g q r p", r=r) * rearrange(w, "b c (g r) q -> b c g q r 1", g=g))
-    xw = xw.flatten(-2)
-    states = torch.matmul(xw.transpose(-1, -2), Bc)  # (b, c, g, (r p), n)
-
-    # 3. Pass states across chunk boundaries: start-of-chunk state z = sum_{k<=z} exp(cs_z - cs_k) states_k,
-    #    with the initial state as "chunk -1"; the last row is the final state.
-    states = rearrange(states, "b c g (r p) n -> b (g r) c (p n)", r=r)
-    if initial_states is None:
-        init = states.new_zeros(b, h, 1, p * n)
+    CB = torch.matmul(Cc, Bc.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (b, c, g, q, q)
+    # Centre of each chunk's log-decays; the result does not depend on it, hence detached.
+    mid = ((Acs.amax(dim=-1, keepdim=True) + Acs.amin(dim=-1, keepdim=True)) / 2).detach()  # (b, c, h, 1)
+    if (Acs - mid).abs().max().item() <= _FACTOR_RANGE.get(Acs.dtype, 60.0):
+        # exp(Acs_i - Acs_j) = exp(Acs_i - mid) exp(mid - Acs_j): one (q, q) @ (q, r*p) product per group, no
+        # (q, q) matrix per head. Safe from overflow while every factor stays within exp(+-range).
+        to_heads = "b c (g r) q -> b c g q r 1"
+        u = (xc * rearrange(torch.exp(mid - Acs), to_heads, g=g)).flatten(-2)  # (b, c, g, q, (r p))
+        y = rearrange(torch.matmul(CB, u), "b c g q (r p) -> b c g q r p", r=r)
+        y = y * rearrange(torch.exp(Acs - mid), to_heads, g=g)
     else:
-        init = rearrange(initial_states.to(states.dtype), "b h p n -> b h 1 (p n)")
-    states = torch.cat([init, states], dim=2)  # (b, h, c+1, p n)
+        # Large decay inside a chunk: the per-head decay matrix exp(segsum) (acausal entries -> 1, times CB = 0).
+        L = rearrange(_decay(Acs[..., :, None] - Acs[..., None, :], causal), "b c (g r) i j -> b c g r i j", g=g)
+        y = torch.matmul(L * CB[:, :, :, None], rearrange(xc, "b c g q r p -> b c g r q p")).transpose(3, 4)
+
+    # 2. State each chunk leaves at its end: sum_j exp(Acs_end - Acs_j) dt_j x_j B_j^T
+    w = rearrange(_decay(Acs[..., -1:] - Acs), "b c (g r) q -> b c g q r 1", g=g)
+    states = torch.matmul((xc * w).flatten(-2).transpose(-1, -2), Bc)  # (b, c, g, (r p), n)
+
+    # 3. Pass states across chunk boundaries. With cs_z = sum of the chunk log-decays before chunk z, the state at
+    #    the start of chunk z (z = 0..c; z = c is the final state) is
+    #    sum_{k<z} exp(cs_z - cs_{k+1}) states_k + exp(cs_z) initial_state.
+    states = rearrange(states, "b c g (r p) n -> b (g r) c (p n)", r=r)
     cs = F.pad(torch.cumsum(rearrange(Acs[..., -1], "b c h -> b h c"), dim=-1), (1, 0))  # (b, h, c+1)
     nc = cs.shape[-1]
-    causal_c = torch.ones(nc, nc, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~causal_c, -math.inf))
-    passed = torch.matmul(decay, states)  # (b, h, c+1, p n)
-    final = rearrange(passed[:, :, -1], "b h (p n) -> b h p n", n=n)
-    start = rearrange(passed[:, :, :-1], "b (g r) c (p n) -> b c g n (r p)", g=g, n=n)
+    earlier = torch.ones(nc, nc - 1, dtype=torch.bool, device=x.device).tril(diagonal=-1)
+    decay = _decay(cs[..., :, None] - cs[..., None, 1:], earlier) * earlier  # (b, h, c+1, c)
+    # start-of-chunk states and the final state as two products (slicing one output costs a zero-fill in backward)
+    start, final = torch.matmul(decay[:, :, :-1], states), torch.matmul(decay[:, :, -1:], states)
+    if initial_states is not None:
+        init = rearrange(initial_states.to(states.dtype), "b h p n -> b h 1 (p n)")
+        cs_decay = _decay(cs)[..., None]
+        start, final = start + cs_decay[:, :, :-1] * init, final + cs_decay[:, :, -1:] * init
+    final = rearrange(final, "b h 1 (p n) -> b h p n", n=n)
+    start = rearrange(start, "b (g r) c (p n) -> b c g n (r p)", g=g, n=n)
 
     # 4. Contribution of the start-of-chunk state: exp(Acs_i) C_i . S_start
-    y_off = rearrange(torch.matmul(Cc, start), "b c g q (r p) -> b c g q r p", r=r)  # (b, c, g, q, r, p)
-    y_off = y_off * rearrange(torch.exp(Acs), "b c (g r) q -> b c g q r 1", g=g)
-    y = rearrange(y, "b c g q (r p) -> b c g q r p", r=r) + y_off
-    y = rearrange(y, "b c g q r p -> b (c q) (g r) p")
+    y_off = rearrange(torch.matmul(Cc, start), "b c g q (r p) -> b c g q r p", r=r)
+    y_off = y_off * rearrange(_decay(Acs), "b c (g r) q -> b c g q r 1", g=g)
+    y = rearrange(y + y_off, "b c g q r p -> b (c q) (g r) p")
     return y[:, :seqlen], final
 
 
