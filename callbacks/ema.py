@@ -8,7 +8,9 @@ checkpoint["current_model_state"], and restores both on resume. This subclass ad
   (the CPU demo) get a useful average instead of one dominated by the initial weights;
 - `raw_module(pl_module)`: the module that holds the raw weights while the EMA weights are swapped in (validation), so
   a task can report metrics for both.
-- tied parameters (two Parameters over one tensor) are swapped once, not twice.
+- tied parameters (two Parameters over one tensor) are swapped once, not twice;
+- at the end of fit the EMA and raw weights are swapped rather than copied, so a last.ckpt written then still holds
+  both and `--resume` continues the raw weights exactly.
 """
 from __future__ import annotations
 
@@ -53,11 +55,36 @@ class EMA(EMAWeightAveraging):
         return "EMA"
 
     def raw_module(self) -> L.LightningModule | None:
-        """While the EMA weights are swapped into the trained module (validation during fit): the copy holding the raw
-        weights. None otherwise (no EMA copy yet, or outside validation)."""
+        """While the EMA weights are swapped into the trained module (validation during fit, and after fit): the copy
+        holding the raw weights. None otherwise (no EMA copy yet, or during training steps)."""
         if self._average_model is None or not self._swapped:
             return None
         return self._average_model.module
+
+    # Lightning copies the EMA into the module at the end of fit, so a last.ckpt written after that (ModelCheckpoint
+    # saves `last` in on_train_end) would hold the EMA twice and a resumed run would lose the raw weights. We swap
+    # instead, and write checkpoints from whichever side holds which weights.
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is not None and not self._swapped:
+            self._swap_models(pl_module)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swapped_for_validation = self._average_model is not None and not self._swapped
+        if self._swapped_for_validation:
+            self._swap_models(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "_swapped_for_validation", False):
+            self._swap_models(pl_module)
+            self._swapped_for_validation = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._average_model is None or not self._swapped:
+            return super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        # The module holds the EMA weights (so checkpoint["state_dict"] has them); the raw ones are in the copy.
+        held = self._average_model.state_dict()
+        checkpoint["current_model_state"] = {k[len("module."):]: v for k, v in held.items() if k.startswith("module.")}
+        checkpoint["averaging_state"] = {k: v for k, v in held.items() if not k.startswith("module.")}
 
     def _swap_models(self, pl_module: L.LightningModule) -> None:
         assert self._average_model is not None

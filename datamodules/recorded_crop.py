@@ -1,0 +1,34 @@
+"""A random resized crop + horizontal flip that reports what it did, so dense targets can follow the image."""
+from __future__ import annotations
+
+import random
+
+from PIL import Image
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+
+class RecordedCropFlip:
+    """PIL image -> (crop resized to size x size, box, flipped).
+
+    box = (x1, y1, x2, y2): the crop's edges as fractions of the input image's width and height (x right, y down).
+    `flipped` is True when the crop was mirrored left-right after resizing. Crop parameters come from
+    torchvision's `RandomResizedCrop.get_params` (the same distribution as timm's training crop).
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+        self.size, self.scale, self.ratio, self.hflip, self.interpolation = size, scale, ratio, hflip, interpolation
+
+    def __call__(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float], bool]:
+        top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        out = TF.resized_crop(img, top, left, h, w, [self.size, self.size], self.interpolation)
+        flipped = random.random() < self.hflip
+        if flipped:
+            out = TF.hflip(out)
+        W, H = img.size
+        return out, (left / W, top / H, (left + w) / W, (top + h) / H), flipped
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})"
