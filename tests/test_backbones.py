@@ -1,0 +1,85 @@
+"""models.backbones: any timm name (the zoo's own included), pooled features, data configs, offline-only weights."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from models import backbones
+from models.backbones import backbone_data_config, create_backbone, local_weights
+from zoo.errors import ZooError
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Weight caches pointing at empty folders; any attempt to download fails the test."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", no_network)
+    return tmp_path
+
+
+def test_pooled_features():
+    net = create_backbone("resnet10t")
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, net.num_features)
+
+
+def test_unknown_name_suggests_a_close_one():
+    with pytest.raises(ZooError, match="Did you mean 'resnet10t'"):
+        create_backbone("resnet10tt")
+
+
+def test_data_config_from_timm_and_size_override():
+    data = backbone_data_config("efficientnet_b0")
+    assert data["input_size"] == (3, 224, 224) and data["mean"] == pytest.approx((0.485, 0.456, 0.406))
+    assert backbone_data_config("efficientnet_b0", image_size=96)["input_size"] == (3, 96, 96)
+
+
+def test_pretrained_without_local_weights_is_a_zoo_error(empty_caches):
+    with pytest.raises(ZooError, match=r"'efficientnet_b0' are not in the local cache.*pretrained=True"):
+        create_backbone("efficientnet_b0", pretrained=True)
+
+
+def test_agegender_pretrained_fails_at_fit_not_at_load(empty_caches):
+    from models.age_gender import AgeGender
+
+    model = AgeGender(backbone="resnet10t", pretrained=True, image_size=64)  # a checkpoint opens without weights
+    with pytest.raises(ZooError, match="resnet10t"):
+        model.setup("fit")
+
+
+def test_pretrained_loads_the_cached_file_offline(empty_caches):
+    """A fake HF cache entry in the layout huggingface_hub writes: loaded as is, nothing fetched."""
+    from safetensors.torch import save_file
+
+    cfg = timm.models.get_pretrained_cfg("resnet10t")
+    snapshot = empty_caches / "hf" / f"models--{cfg.hf_hub_id.replace('/', '--')}" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    reference = timm.create_model("resnet10t")  # with its classifier, as the published file has
+    save_file(reference.state_dict(), str(snapshot / "model.safetensors"))
+
+    assert local_weights("resnet10t") == snapshot / "model.safetensors"
+    net = create_backbone("resnet10t", pretrained=True)
+    assert torch.equal(net.conv1[0].weight, reference.conv1[0].weight)
+
+
+def test_broken_zoo_module_is_reported_only_when_asked_for(monkeypatch):
+    monkeypatch.setattr(backbones, "ZOO_TIMM_MODULES", {"zoofake": "models.zoofake_does_not_exist"})
+    monkeypatch.setattr(backbones, "_import_errors", {})
+    create_backbone("resnet10t")  # other backbones are unaffected
+    with pytest.raises(ZooError, match="models.zoofake_does_not_exist.*could not be imported"):
+        create_backbone("zoofake_micro")
+
+
+def test_zoo_mamba_backbone_is_a_timm_model():
+    pytest.importorskip("models.demansia2", reason="models/demansia2.py (DeMansia 2 task) not in this checkout yet")
+    net = create_backbone("demansia2_micro")
+    size = backbone_data_config("demansia2_micro", image_size=64)["input_size"][1]
+    assert net(torch.randn(2, 3, size, size)).shape == (2, net.num_features)
