@@ -14,7 +14,7 @@ import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from zoo.errors import ZooError, unknown  # noqa: E402
+from zoo.errors import ZooError, unknown, user_message  # noqa: E402
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except ZooError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
 
 

@@ -20,7 +20,7 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from model_config import DEFAULT_MODEL, REGISTRY, get_entry  # noqa: E402
-from zoo.errors import ZooError  # noqa: E402
+from zoo.errors import ZooError, user_message  # noqa: E402
 
 # Flags that are shortcuts for config fields (flag dest -> config field).
 CONFIG_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "accumulate": "accumulate",
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except ZooError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
 

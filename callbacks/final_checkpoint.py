@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class FinalCheckpoint(L.Callback):
@@ -22,17 +22,17 @@ class FinalCheckpoint(L.Callback):
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
 
-class CrashCheckpoint(OnExceptionCheckpoint):
-    """Lightning's OnExceptionCheckpoint, writing last.ckpt on any exception or Ctrl-C.
+class CrashCheckpoint(L.Callback):
+    """Writes last.ckpt on any exception or Ctrl-C.
 
-    Unlike the parent, it does not delete that file on a normal teardown (the parent treats its file as a temporary,
-    which would remove the run's last.ckpt). A crash usually comes while a batch is in flight: the loader has already
+    Not Lightning's OnExceptionCheckpoint: that one deletes its file on a normal teardown (which would remove the run's
+    last.ckpt), and its mere presence makes `fit(ckpt_path=None)` silently resume from "last". A crash usually comes while a batch is in flight: the loader has already
     yielded it but the weights do not include it yet. The loader position saved is therefore the one recorded after
     the last completed step, so the resumed run replays that batch and reaches the same global step as planned.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, dirpath: str | Path, filename: str = "last"):
+        self.ckpt_path = Path(dirpath) / f"{filename}.ckpt"
         self._loader_states = None
         self._crashing = False
 
@@ -41,9 +41,11 @@ class CrashCheckpoint(OnExceptionCheckpoint):
         self._loader_states = loader._state_dicts() if loader is not None else None
 
     def on_exception(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
         self._crashing = True
         try:
-            super().on_exception(trainer, *args, **kwargs)
+            trainer.save_checkpoint(self.ckpt_path)
         finally:
             self._crashing = False
 
@@ -52,5 +54,3 @@ class CrashCheckpoint(OnExceptionCheckpoint):
         if self._crashing and self._loader_states and fit_state is not None:
             fit_state["combined_loader"] = self._loader_states
 
-    def teardown(self, trainer: L.Trainer, *args, **kwargs) -> None:
-        pass

@@ -149,3 +149,16 @@ def test_wandb_offline_without_key_or_network(toy_registered, monkeypatch, capsy
     runs = list((out["run_dir"] / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb")), "offline run directory with its .wandb log"
     assert (out["run_dir"] / "wandb_id.txt").read_text().strip()
+
+
+def test_worker_error_is_printed_without_the_worker_traceback(toy_registered, capsys, monkeypatch):
+    """A ZooError raised inside a DataLoader worker reaches the user as our paragraph alone."""
+    import toy_task
+
+    def broken(self, i):
+        raise ZooError(f"Cannot read image /data/img_{i}.jpg: truncated. Delete or replace it.")
+
+    monkeypatch.setattr(toy_task.ToyDataset, "__getitem__", broken)
+    err = _error(capsys, ["--model", "toy", "--logger", "none", "--progress", "none", "--max-steps", "1",
+                          "--num-workers", "1"])
+    assert err.startswith("error: Cannot read image /data/img_") and "Original Traceback" not in err

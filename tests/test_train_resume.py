@@ -27,14 +27,14 @@ def _weights(model):
 def test_resume_mid_epoch_matches_uninterrupted(toy_registered, tmp_path, monkeypatch):
     # 96 training items / batch 8 = 12 steps per epoch; 2 epochs; the run dies at step 17 (mid second epoch).
     # A SIGKILLed process runs no exception handler: only the periodic last.ckpt (every step here) survives.
-    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+    from callbacks.final_checkpoint import CrashCheckpoint
 
     common = ["--model", "toy", "--logger", "none", "--progress", "none", "--deterministic", "--ckpt-every-n-steps", "1"]
     full = train.run(common + ["--run-name", "full"])
     assert full["trainer"].global_step == 24
 
     with monkeypatch.context() as m, pytest.raises(RuntimeError, match="simulated crash"):
-        m.setattr(OnExceptionCheckpoint, "on_exception", lambda *a, **k: None)
+        m.setattr(CrashCheckpoint, "on_exception", lambda *a, **k: None)
         train.run(common + ["--run-name", "crashed"], extra_callbacks=[StopAt(17)])
     last = full["run_dir"].parent / "crashed" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 17

@@ -22,3 +22,13 @@ def unknown(kind: str, name: str, valid: Iterable[str], fix: str = "") -> ZooErr
     """Error for a name that is not among `valid`, listing the valid ones."""
     valid = sorted(valid)
     return ZooError(f"Unknown {kind} '{name}'.{did_you_mean(name, valid)} Valid {kind}s: {', '.join(valid)}.{(' ' + fix) if fix else ''}")
+
+
+def user_message(error: ZooError) -> str:
+    """The message to print. A ZooError raised in a DataLoader worker arrives wrapped in the worker's traceback text;
+    only our own paragraph is kept."""
+    text = str(error)
+    marker = "ZooError: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
