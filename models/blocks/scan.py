@@ -1,0 +1,359 @@
+"""Selective scan (Mamba-1): a fast portable PyTorch path and dispatch to mamba-ssm's CUDA kernel.
+
+The recurrence, per batch b, channel d and state n (A real, negative):
+
+    x[t] = exp(delta[t] * A[d, n]) * x[t-1] + delta[t] * B[t, n] * u[t]        x[-1] = initial state (zeros)
+    y[t] = sum_n C[t, n] * x[t, n]  (+ D[d] * u[t])  (* silu(z[t]))
+
+How the portable path computes it: the states live time-major, as (L, ..., N) contiguous tensors, and the linear
+recurrence runs as a work-efficient (Blelloch) parallel scan done in place on strided views of whole time rows:
+2 * log2(L) vectorised steps, O(L) work, any L (no padding to a power of two); long sequences go through it in a
+few time segments of ~12 MB of state with the state carried over (faster: cache, no page faults). Only products of
+decays are formed (never a division by a cumulative decay), so decays that underflow to zero are harmless. The backward pass is a
+hand-written `autograd.Function`: one reverse scan of the same kind gives dL/dx for all steps, and every input
+gradient is a local product with it. Computation is in float32 (float64 stays float64); bf16/fp16 inputs are upcast
+and the outputs cast back, as the CUDA kernel does. Memory: the states and the decays, two (L, B, D, N) tensors
+in the compute dtype, are kept for the backward; time and memory are linear in L.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .kernels import get_kernel, use_kernels
+
+__all__ = [
+    "selective_scan_fn",
+    "selective_scan_portable",
+    "selective_scan_tm",
+    "selective_state_update",
+    "selective_state_update_portable",
+    "linear_scan_",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the scan computes in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(t: Tensor, first: int, step: int, count: int, reverse: bool) -> Tensor:
+    """Rows first, first + step, ..., of t along dim 0 (positions mirrored, t[L-1-i], when `reverse`)."""
+    if reverse:
+        first = t.shape[0] - 1 - (first + step * (count - 1))
+    return t[first : first + step * (count - 1) + 1 : step]
+
+
+def _linear_scan_clobber_(a: Tensor, x: Tensor, reverse: bool = False) -> Tensor:
+    """`linear_scan_` that also overwrites `a` with partial products (no extra memory).
+
+    Work-efficient up-sweep / down-sweep over strided views of whole rows.
+    """
+    length = x.shape[0]
+    strides = []
+    s = 1
+    while 2 * s <= length:  # up-sweep: row 2s-1+2sk absorbs the segment ending at row s-1+2sk
+        n = length // (2 * s)
+        a_hi, x_hi = _rows(a, 2 * s - 1, 2 * s, n, reverse), _rows(x, 2 * s - 1, 2 * s, n, reverse)
+        a_lo, x_lo = _rows(a, s - 1, 2 * s, n, reverse), _rows(x, s - 1, 2 * s, n, reverse)
+        x_hi.addcmul_(a_hi, x_lo)
+        if 4 * s <= length:  # segment products are needed only by later levels
+            a_hi.mul_(a_lo)
+        strides.append(s)
+        s *= 2
+    for s in reversed(strides):  # down-sweep: complete the rows 3s-1+2sk from the finished rows 2s-1+2sk
+        if length < 3 * s:
+            continue
+        m = (length - 3 * s) // (2 * s) + 1
+        x_tgt = _rows(x, 3 * s - 1, 2 * s, m, reverse)
+        x_tgt.addcmul_(_rows(a, 3 * s - 1, 2 * s, m, reverse), _rows(x, 2 * s - 1, 2 * s, m, reverse))
+    return x
+
+
+def linear_scan_(a: Tensor, x: Tensor, reverse: bool = False) -> Tensor:
+    """In-place first-order linear recurrence along dim 0: x[t] <- a[t] * x[t-1] + x[t] (x[-1] = 0); returns x.
+
+    With `reverse`, x[t] <- a[t] * x[t+1] + x[t] (x[L] = 0). `a` and `x`: same shape (L, ...), contiguous; `a` is
+    left unchanged (one temporary of L/2 rows holds the pair products).
+    """
+    length = x.shape[0]
+    if length < 2:
+        return x
+    n = length // 2
+    first, second = _rows(x, 0, 2, n, reverse), _rows(x, 1, 2, n, reverse)
+    a_first, a_second = _rows(a, 0, 2, n, reverse), _rows(a, 1, 2, n, reverse)
+    second.addcmul_(a_second, first)  # pairs (2k, 2k+1) combined ...
+    _linear_scan_clobber_(a_second * a_first, second, reverse)  # ... scanned at half length ...
+    m = (length - 1) // 2  # ... and rows 2k, k >= 1, completed from row 2k-1.
+    if m:
+        _rows(x, 2, 2, m, reverse).addcmul_(_rows(a, 2, 2, m, reverse), _rows(x, 1, 2, m, reverse))
+    return x
+
+
+def _sum_over_h(x: Tensor, w: Tensor) -> Tensor:
+    """sum_h x[..., h, n] * w[..., h]: (L, b, g, h, n), (L, b, g, h) -> (L, b, g, n)."""
+    return torch.matmul(w.unsqueeze(-2), x).squeeze(-2)
+
+
+def _sum_n(x: Tensor, v: Tensor, scratch: Tensor) -> Tensor:
+    """sum_n x[..., h, n] * v[..., n] through a scratch buffer of x's shape (faster than bmm on the CPU)."""
+    return torch.mul(x, v.unsqueeze(-2), out=scratch).sum(-1)
+
+
+def _decays_(delta: Tensor, A: Tensor, out: Tensor) -> Tensor:
+    """out <- exp(delta * A). The exponent is clamped where exp would leave the normal range (it is ~0 there
+    anyway): CPU exp is an order of magnitude slower on arguments that underflow."""
+    torch.mul(delta.unsqueeze(-1), A, out=out)
+    return out.clamp_(min=-87.0 if out.dtype != torch.float64 else -708.0).exp_()
+
+
+class _SelectiveScanTM(torch.autograd.Function):
+    """Core scan on time-major, contiguous, compute-dtype tensors (see `selective_scan_tm`).
+
+    Saves the states x and the decays (one extra zero row: the reverse scan of the backward uses decay[t+1] at t).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0):
+        shape = delta.shape + A.shape[-1:]  # (L, b, g, h, n)
+        length = shape[0]
+        decay_ext = torch.empty((length + 1,) + shape[1:], dtype=u.dtype, device=u.device)
+        decay = _decays_(delta, A, decay_ext[:length])
+        decay_ext[length].zero_()
+        x = torch.empty(shape, dtype=u.dtype, device=u.device)
+        torch.mul((delta * u).unsqueeze(-1), B.unsqueeze(-2), out=x)
+        if h0 is not None:
+            x[0].addcmul_(decay[0], h0)
+        linear_scan_(decay, x)
+        y = _sum_n(x, C, torch.empty_like(x))
+        ctx.save_for_backward(u, delta, A, B, C, h0, x, decay_ext)
+        return y, x[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, h0, x, decay_ext = ctx.saved_tensors
+        length = x.shape[0]
+        decay = decay_ext[:length]
+        # g[t] = dLoss/dx[t] = C[t] dy[t] + decay[t+1] g[t+1]
+        g = torch.empty_like(x)
+        torch.mul(dy.unsqueeze(-1), C.unsqueeze(-2), out=g)
+        if dlast is not None:
+            g[-1].add_(dlast)
+        linear_scan_(decay_ext[1:], g, reverse=True)
+        dh0 = None if h0 is None else decay[0] * g[0]
+        dC = _sum_over_h(x, dy)
+        dB = _sum_over_h(g, delta * u)
+        work = torch.empty_like(x)
+        gB = _sum_n(g, B, work)
+        # dLoss/d(delta * A)[t] = g[t] * decay[t] * x[t-1]  (x[-1] = h0)
+        dlog = work
+        torch.mul(decay[1:], x[:-1], out=dlog[1:])
+        if h0 is None:
+            dlog[0].zero_()
+        else:
+            torch.mul(decay[0], h0, out=dlog[0])
+        dlog.mul_(g)
+        dA = torch.mul(dlog, delta.unsqueeze(-1), out=g).sum((0, 1))
+        ddelta = torch.mul(dlog, A, out=g).sum(-1).addcmul_(gB, u)
+        du = gB.mul_(delta)
+        return du, ddelta, dA, dB, dC, dh0
+
+
+# Long sequences are scanned in time segments of about this many bytes of state each (a few, each a parallel scan,
+# the state carried from one to the next): measured 2x faster at L >= 1024 on the CPU, as the working set stays in
+# cache and the buffers stay below glibc's mmap threshold (so they are not page-faulted in afresh on every call).
+SEGMENT_BYTES = 12 * 2**20
+
+
+def segment_length(length: int, row_bytes: int) -> int:
+    """Rows per time segment: ~SEGMENT_BYTES of state, at least 16 rows, and segments of near-equal length."""
+    rows = max(16, SEGMENT_BYTES // max(row_bytes, 1))
+    count = -(-length // rows)
+    return -(-length // count)
+
+
+def selective_scan_tm(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Portable scan on time-major tensors, the layout the blocks produce without transposes.
+
+    u, delta, z: (L, B, D) (delta already biased and softplus-ed); A: (D, N); B, C: (L, B, G, N) with G dividing D
+    (channel d uses group d // (D / G)); D: (D,); initial_state: (B, D, N).
+    Returns y (L, B, D) in u's dtype and the final state (B, D, N) in the compute dtype (float32 or float64).
+    """
+    groups = B.shape[-2]
+    dtype_in, cd = u.dtype, compute_dtype(u.dtype)
+
+    def prep(t: Tensor) -> Tensor:
+        return t.to(cd).contiguous()
+
+    last = None
+    if initial_state is not None:
+        last = prep(rearrange(initial_state, "b (g h) n -> b g h n", g=groups))
+    u_g = prep(rearrange(u, "l b (g h) -> l b g h", g=groups))
+    delta_g = prep(rearrange(delta, "l b (g h) -> l b g h", g=groups))
+    A_g = prep(rearrange(A, "(g h) n -> g h n", g=groups))
+    B, C = prep(B), prep(C)
+    seg = segment_length(u_g.shape[0], u_g[0].numel() * A.shape[-1] * u_g.element_size())
+    ys = []
+    for s in range(0, u_g.shape[0], seg):  # time segments, the state carried across (see SEGMENT_BYTES)
+        t = slice(s, s + seg)
+        y, last = _SelectiveScanTM.apply(u_g[t], delta_g[t], A_g, B[t], C[t], last)
+        ys.append(y)
+    y = rearrange(torch.cat(ys) if len(ys) > 1 else ys[0], "l b g h -> l b (g h)")
+    if D is not None:
+        y = y + u.to(cd) * D.to(cd)
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y.to(dtype_in), rearrange(last, "b g h n -> b (g h) n")
+
+
+def selective_scan_portable(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`selective_scan_fn` in plain PyTorch (argument shapes there); also takes an initial state (B, D, N)."""
+    if A.is_complex():
+        raise NotImplementedError("the portable selective scan supports real A only")
+    if B.dim() < 3 or C.dim() < 3:
+        raise NotImplementedError("the portable selective scan needs input-dependent B and C: (B, N, L) or (B, G, N, L)")
+    cd = compute_dtype(u.dtype)
+    delta = delta.to(cd)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cd).unsqueeze(-1)
+    if delta_softplus:
+        delta = F.softplus(delta)
+
+    def time_major_bc(t: Tensor) -> Tensor:
+        return rearrange(t, "b n l -> l b 1 n") if t.dim() == 3 else rearrange(t, "b g n l -> l b g n")
+
+    groups = B.shape[1] if B.dim() == 4 else 1
+    if C.dim() == 4 and C.shape[1] != groups or C.dim() == 3 and groups != 1:
+        raise NotImplementedError("B and C must have the same number of groups")
+    y, last = selective_scan_tm(
+        rearrange(u, "b d l -> l b d"),
+        rearrange(delta, "b d l -> l b d"),
+        A,
+        time_major_bc(B),
+        time_major_bc(C),
+        D,
+        None if z is None else rearrange(z, "b d l -> l b d"),
+        initial_state,
+    )
+    out = rearrange(y, "l b d -> b d l")
+    return (out, last) if return_last_state else out
+
+
+def selective_scan_fn(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    initial_state: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Selective scan with mamba-ssm's `selective_scan_fn` signature and semantics.
+
+    u, delta, z: (B, D, L); A: (D, N) real; B, C: (B, N, L) shared or (B, G, N, L) grouped (channel d uses group
+    d // (D / G)); D, delta_bias: (D,). Returns out (B, D, L) in u's dtype, and with `return_last_state` the final
+    state (B, D, N) in float32 (float64 for float64 inputs). The keyword-only `initial_state` (B, D, N) is our
+    extension; the CUDA kernel has none, so with it the portable path runs on every device.
+    """
+    if initial_state is None and use_kernels(u):
+        return get_kernel("selective_scan_fn")(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+        )
+    return selective_scan_portable(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+    )
+
+
+def selective_state_update_portable(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> Tensor:
+    """One recurrent step, updating `state` in place; shapes as `selective_state_update`."""
+    heads = state.dim() == 4
+    if not heads:
+        state, x, dt, A = state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0)
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+        D = None if D is None else D.unsqueeze(0)
+        z = None if z is None else z.unsqueeze(1)
+        dt_bias = None if dt_bias is None else dt_bias.unsqueeze(0)
+    groups = B.shape[1]
+    cd = compute_dtype(x.dtype)
+    dt = dt.to(cd)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cd)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    B = rearrange(B.to(cd), "b g n -> b g 1 1 n")
+    C = rearrange(C.to(cd), "b g n -> b g 1 1 n")
+    dt_g = rearrange(dt, "b (g h) p -> b g h p 1", g=groups)
+    x_g = rearrange(x.to(cd), "b (g h) p -> b g h p 1", g=groups)
+    decay = torch.exp(dt_g * rearrange(A.to(cd), "(g h) p n -> g h p n", g=groups))
+    new = rearrange(state.to(cd), "b (g h) p n -> b g h p n", g=groups) * decay + dt_g * B * x_g
+    state.copy_(rearrange(new, "b g h p n -> b (g h) p n"))
+    out = rearrange((new * C).sum(-1), "b g h p -> b (g h) p")
+    if D is not None:
+        out = out + x.to(cd) * D.to(cd)
+    if z is not None:
+        out = out * F.silu(z.to(cd))
+    out = out.to(x.dtype)
+    return out if heads else out.squeeze(1)
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> Tensor:
+    """Single decoding step of the selective scan, mamba-ssm's `selective_state_update` signature.
+
+    state: (B, D, N) or (B, H, P, N), updated in place; x, dt, z: (B, D) or (B, H, P); A: (D, N) or (H, P, N);
+    B, C: (B, N) or (B, G, N); D, dt_bias: (D,) or (H, P). Returns y: x's shape and dtype.
+    """
+    if use_kernels(x):
+        return get_kernel("selective_state_update")(
+            state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
+        )
+    return selective_state_update_portable(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
