@@ -36,7 +36,13 @@ if [[ ! -x $VENV/bin/python ]]; then
     say "creating $VENV with $($PY --version)"
     "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
+PIP=(pip_install)
+# pip warns once per package about find-links / index folders of some machines' pip config that do not exist;
+# those lines are noise, every other line of pip's output is kept.
+pip_install() {
+    "$VENV/bin/python" -m pip install --disable-pip-version-check "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 STEP="build tools"
 say "installing build tools (pip, setuptools, wheel, packaging, ninja)"

@@ -172,7 +172,11 @@ def main() -> None:
     parser.add_argument("--ref-max-length", type=int, default=1024,
                         help="skip the references above this length (mamba-ssm's reference backward grows ~L^2: "
                              "~2 min at L=1024 on one thread)")
+    parser.add_argument("--m2-d-state", type=int, default=MAMBA2["d_state"], help="Mamba-2 d_state")
+    parser.add_argument("--m2-headdim", type=int, default=MAMBA2["headdim"], help="Mamba-2 headdim")
+    parser.add_argument("--m2-chunk", type=int, default=256, help="Mamba-2 chunk_size")
     args = parser.parse_args()
+    MAMBA2.update(d_state=args.m2_d_state, headdim=args.m2_headdim, chunk_size=args.m2_chunk)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     mixers = build_mixers(mamba_ssm_refs())  # (importing tests/conftest.py sets 2 threads)
