@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from crash import StopAt
 
 import predict
 import train
@@ -75,26 +75,15 @@ def test_train_validates_raw_and_ema_and_checkpoints_the_ema(small_demo):
     assert loaded(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-class StopAt(L.Callback):
-    """Simulates a killed run: raises once `global_step` reaches `step`."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            raise RuntimeError("simulated crash")
-
-
 def test_resume_restores_raw_and_ema_exactly(small_demo, monkeypatch):
     # 30 images / batch 8 = 3 steps per epoch, 2 epochs; the crashed run dies at step 4 (mid second epoch) with only
     # the periodic last.ckpt (refreshed every step) left, as after a SIGKILL.
-    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+    from callbacks.final_checkpoint import CrashCheckpoint
 
     common = ["--epochs", "2", "--set=ema_decay=0.5", "--deterministic", "--ckpt-every-n-steps", "1"]
     full = fit("full", *common)
     with monkeypatch.context() as m, pytest.raises(RuntimeError, match="simulated crash"):
-        m.setattr(OnExceptionCheckpoint, "on_exception", lambda *a, **k: None)
+        m.setattr(CrashCheckpoint, "on_exception", lambda *a, **k: None)
         train.run(["--model", "demansia2", "--logger", "none", "--progress", "none", "--run-name", "crashed",
                    "--batch-size", "8", "--num-workers", "0", *SETS, *common], extra_callbacks=[StopAt(4)])
     last = Path(full["run_dir"]).parent / "crashed" / "last.ckpt"

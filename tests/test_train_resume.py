@@ -1,23 +1,12 @@
 """Resume after a run stopped mid-epoch continues at the right step with weights identical to an uninterrupted run."""
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
+from crash import StopAt
 
 import train
 from zoo.checkpoint import read_checkpoint
-
-
-class StopAt(L.Callback):
-    """Simulates a killed run: raises once `global_step` reaches `step` (after last.ckpt was refreshed)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            raise RuntimeError("simulated crash")
 
 
 def _weights(model):
