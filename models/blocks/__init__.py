@@ -4,14 +4,18 @@ Modules (what a layer is) import their ops (how it is computed) from `scan.py` (
 (Mamba-2 chunked SSD), `conv.py` and `norm.py`; each op dispatches to mamba-ssm's kernels on CUDA (`kernels.py`) and
 otherwise runs its portable PyTorch twin. `MAMBA_ZOO_PORTABLE=1` forces the portable path.
 """
-from models.blocks.bidirectional import BidirectionalMamba2
-from models.blocks.mamba import Mamba
-from models.blocks.mamba2 import Mamba2
-from models.blocks.mha import MHA
-from models.blocks.norm import RMSNorm, RMSNormGated
-from models.blocks.residual import Block
-from models.blocks.ss2d import SS2D, VSSBlock, vmamba_key_map
-from models.blocks.vim import BidirectionalMamba
+import importlib
 
-__all__ = ["Mamba", "Mamba2", "BidirectionalMamba", "BidirectionalMamba2", "SS2D", "VSSBlock", "vmamba_key_map",
-           "MHA", "RMSNorm", "RMSNormGated", "Block"]
+# Lazy (PEP 562): importing one block must not import the others' dependencies (timm's layers pull in triton).
+_EXPORTS = {
+    "Mamba": "mamba", "Mamba2": "mamba2", "BidirectionalMamba": "vim", "BidirectionalMamba2": "bidirectional",
+    "SS2D": "ss2d", "VSSBlock": "ss2d", "vmamba_key_map": "ss2d", "MHA": "mha", "RMSNorm": "norm",
+    "RMSNormGated": "norm", "Block": "residual",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"models.blocks.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'models.blocks' has no attribute {name!r}")
