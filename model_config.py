@@ -399,12 +399,6 @@ def get_entry(name: str) -> ModelEntry:
     return REGISTRY[name]
 
 
-def entry_for_module(cls: type) -> ModelEntry | None:
-    """The registry entry whose LightningModule is `cls` (by import path), if any."""
-    path = f"{cls.__module__}:{cls.__name__}"
-    return next((e for e in REGISTRY.values() if e.module == path), None)
-
-
 register(ModelEntry(
     name="demansia2",
     module="models.demansia2:DeMansia2",

@@ -49,11 +49,18 @@ class ZooModule(L.LightningModule):
     # ----- optimisation -----
     def configure_optimizers(self):
         optimizer = build_optimizer(self, self.cfg)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else self.cfg.epochs
-        scheduler = build_scheduler(optimizer, self.cfg, self._updates_per_epoch(), epochs)
+        scheduler = build_scheduler(optimizer, self.cfg, self._updates_per_epoch(), self.schedule_epochs())
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.cfg.sched_interval}}
+
+    def max_epochs(self) -> int:
+        """The run's epochs: the Trainer's max_epochs, else the config's."""
+        return self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else self.cfg.epochs
+
+    def schedule_epochs(self) -> int:
+        """Epochs the warm-up + decay schedule spans (a task with stages overrides this)."""
+        return self.max_epochs()
 
     def _updates_per_epoch(self) -> int:
         """Optimizer steps per epoch, computed from the datamodule's loader length.

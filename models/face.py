@@ -7,7 +7,6 @@ Linear -> 128, L2 normalisation. Our defaults add a learnt position embedding an
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from functools import partial
 
@@ -24,7 +23,6 @@ from models.blocks.bidirectional import BidirectionalMamba2
 from models.blocks.mamba2 import Mamba2
 from models.blocks.residual import Block
 from models.face_metrics import calibrate_threshold, retrieval_metrics
-from zoo.optim import build_optimizer, build_scheduler
 
 
 class PatchEmbed(nn.Module):
@@ -179,22 +177,14 @@ class FaceEmbedder(ZooModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
 
-    def configure_optimizers(self):
-        """As `ZooModule`, but the warm-up + cosine schedule spans the current stage only (see the class docs)."""
-        optimizer = build_optimizer(self, self.cfg)
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else self.cfg.epochs
-        total = self.trainer.estimated_stepping_batches
-        updates_per_epoch = max(1, math.ceil(total / max(1, max_epochs))) if math.isfinite(total) else 1
+    def schedule_epochs(self) -> int:
+        """The warm-up + cosine schedule spans the current stage only (see the class docs)."""
+        max_epochs = self.max_epochs()
         if not self.two_stage:
-            stage_epochs = max_epochs
-        elif int(self.stage) == 1:
-            stage_epochs = min(self.cfg.stage2_epoch, max_epochs)
-        else:
-            stage_epochs = max(1, max_epochs - self.cfg.stage2_epoch)
-        scheduler = build_scheduler(optimizer, self.cfg, updates_per_epoch, stage_epochs)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.cfg.sched_interval}}
+            return max_epochs
+        if int(self.stage) == 1:
+            return min(self.cfg.stage2_epoch, max_epochs)
+        return max(1, max_epochs - self.cfg.stage2_epoch)
 
     def lr_scheduler_step(self, scheduler, metric=None):
         if self.cfg.sched_interval == "epoch":

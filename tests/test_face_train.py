@@ -153,3 +153,25 @@ def test_two_stage_schedule_switches_miner_and_restarts_the_optimiser(demo_dir, 
     assert rec.lrs[2] == pytest.approx(rec.lrs[0])  # the warm-up starts again in stage 2
     ckpt = torch.load(out["run_dir"] / "last.ckpt", map_location="cpu", weights_only=False)
     assert int(ckpt["state_dict"]["stage"]) == 2
+
+
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path, monkeypatch):
+    """P x K batches, warm-up + cosine schedule and weights continue exactly after a run killed mid-epoch."""
+    from crash import StopAt
+
+    from callbacks.final_checkpoint import CrashCheckpoint
+
+    common = TINY + ["--epochs", "2", "--set", "warmup_epochs=1", "--deterministic", "--ckpt-every-n-steps", "1"]
+    full = train.run(["--model", "face", "--run-name", "face-full", *common])
+    steps = full["trainer"].global_step
+    stop = steps // 2 + 1  # inside the second epoch
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="simulated crash"):
+        m.setattr(CrashCheckpoint, "on_exception", lambda *a, **k: None)  # a SIGKILL runs no handler
+        train.run(["--model", "face", "--run-name", "face-crashed", *common], extra_callbacks=[StopAt(stop)])
+    last = full["run_dir"].parent / "face-crashed" / "last.ckpt"
+    resumed = train.run(["--model", "face", "--resume", str(last), "--logger", "none", "--progress", "none",
+                         "--deterministic"])
+    assert resumed["trainer"].global_step == steps
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
