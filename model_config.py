@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from zoo.errors import ZooError, did_you_mean, unknown
+from zoo.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, get_entry, register  # noqa: F401 - re-exported
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -359,70 +360,32 @@ class PalmConfig(BaseConfig):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Registry
+# Registry: one entry per task (its LightningModule and DataModule are imported only when used)
 # --------------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelEntry:
-    """One registered model: where its LightningModule and LightningDataModule live (imported lazily)."""
-
-    name: str
-    module: str  # "package.module:ClassName"
-    datamodule: str
-    config: type[BaseConfig]
-    summary: str
-    status: Literal["ready", "planned"] = "ready"
-    planned_note: str = ""
-
-    def load(self, what: Literal["module", "datamodule"]) -> type:
-        if self.status != "ready":
-            raise ZooError(f"Model '{self.name}' is not available yet: {self.planned_note} "
-                           f"Ready models: {', '.join(n for n, e in REGISTRY.items() if e.status == 'ready')}.")
-        import importlib
-
-        path = getattr(self, what)
-        mod_name, cls_name = path.split(":")
-        return getattr(importlib.import_module(mod_name), cls_name)
-
-
-REGISTRY: dict[str, ModelEntry] = {}
-DEFAULT_MODEL = "demansia2"
-
-
-def register(entry: ModelEntry) -> ModelEntry:
-    REGISTRY[entry.name] = entry
-    return entry
-
-
-def get_entry(name: str) -> ModelEntry:
-    if name not in REGISTRY:
-        raise unknown("model", name, REGISTRY, fix="Run `python train.py --list` to see them with one line each.")
-    return REGISTRY[name]
-
-
 register(ModelEntry(
     name="demansia2",
-    module="models.demansia2:DeMansia2",
+    module="models.demansia2.module:DeMansia2",
     datamodule="datamodules.imagenet:ImageNetDataModule",
     config=DeMansia2Config,
     summary="DeMansia 2: bidirectional Mamba-2 ImageNet classifier, token labeling, EMA (presets micro/tiny/small)",
 ))
 register(ModelEntry(
     name="agegender",
-    module="models.age_gender:AgeGender",
+    module="models.agegender.module:AgeGender",
     datamodule="datamodules.utkface:UTKFaceDataModule",
     config=AgeGenderConfig,
     summary="Age regression + gender classification on any timm backbone (ours included), UTKFace",
 ))
 register(ModelEntry(
     name="face",
-    module="models.face:FaceEmbedder",
+    module="models.face.module:FaceEmbedder",
     datamodule="datamodules.lfw:LFWDataModule",
     config=FaceConfig,
     summary="Face embeddings (patch conv + Mamba-2) with triplet/ArcFace/CosFace, LFW verification and retrieval",
 ))
 register(ModelEntry(
     name="hand",
-    module="models.hand_unet:HandUNet",
+    module="models.hand.module:HandBiometrics",
     datamodule="datamodules.hands11k:Hands11kDataModule",
     config=HandConfig,
     summary="Hand biometrics: U-Net + VMamba 2D scan on 11k Hands (identity, gender, age) [planned]",
@@ -432,7 +395,7 @@ register(ModelEntry(
 ))
 register(ModelEntry(
     name="palm",
-    module="models.palm_diffusion:PalmDiffusion",
+    module="models.palm.module:PalmDiffusion",
     datamodule="datamodules.palms:PalmDataModule",
     config=PalmConfig,
     summary="Palm-image generator: denoising diffusion, N variations of one synthetic person [planned]",

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def list_models() -> str:
     """One line per registered model: name, status, presets with parameter counts, summary."""
-    from models.summary import count_parameters
+    from zoo.summary import count_parameters
 
     lines = []
     for name, entry in REGISTRY.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -100,9 +101,16 @@ def log_html_to_wandb(path: str | Path, key: str = "embeddings") -> bool:
 class EmbeddingPlotCallback(L.Callback):
     """At the end of `fit`, embed the validation split, project it to 2-D and write `<run dir>/embeddings_val.html`
     (and log it to W&B when the run logs there). Needs a DataModule with `dataset("val")` returning
-    (path, label) `items`, as `datamodules.lfw.LFWDataModule` does. At most `max_images` images are drawn."""
+    (path, label) `items` and `people["val"]` (identity names), as `datamodules.lfw.LFWDataModule` does.
 
-    def __init__(self, method: str = "tsne", max_images: int = 2000):
+    Args:
+        embed_items: `embed_items(model, paths, with_thumbnails=True) -> (embeddings (N, D), thumbnails)`, the task's
+            own preprocessing (the callback knows no task).
+        method: "tsne" or "pca"; max_images: at most this many images are drawn.
+    """
+
+    def __init__(self, embed_items: Callable, method: str = "tsne", max_images: int = 2000):
+        self.embed_items = embed_items
         self.method = method
         self.max_images = max_images
 
@@ -110,11 +118,9 @@ class EmbeddingPlotCallback(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         if trainer.fast_dev_run or not trainer.is_global_zero or dm is None or not hasattr(dm, "dataset"):
             return
-        from models.face_commands import embed_items
-
         items = dm.dataset("val").items[: self.max_images]
         names = sorted(dm.people["val"])
-        emb, thumbs = embed_items(pl_module, [p for p, _ in items], with_thumbnails=True)
+        emb, thumbs = self.embed_items(pl_module, [p for p, _ in items], with_thumbnails=True)
         coords = project_2d(emb.numpy(), self.method, seed=int(pl_module.cfg.seed))
         out = write_embedding_html(Path(trainer.default_root_dir) / "embeddings_val.html", coords,
                                    [names[y] for _, y in items], [Path(p).name for p, _ in items], thumbs,

@@ -1,1 +1,16 @@
-"""Models of the zoo: shared blocks in `models.blocks`, one file per task."""
+"""Models of the zoo: shared blocks in `models.blocks`, one package per task (`models/<task>/`).
+
+Importing `models` imports every task's `model.py`, which registers the task's networks with timm, so
+`timm.create_model("demansia2_tiny")` (or `face_mamba_micro`, `vmamba_tiny_v0`, ...) works after `import models`.
+"""
+import importlib
+import pkgutil
+
+import timm
+
+_before = set(timm.list_models())
+for _info in pkgutil.iter_modules(__path__):
+    if _info.ispkg and _info.name != "blocks" and importlib.util.find_spec(f"{__name__}.{_info.name}.model"):
+        importlib.import_module(f"{__name__}.{_info.name}.model")
+
+TIMM_NAMES: frozenset[str] = frozenset(set(timm.list_models()) - _before)  # the zoo's own timm models

@@ -10,7 +10,6 @@ that file; a missing file is a `ZooError` that says how to fetch it on a connect
 """
 from __future__ import annotations
 
-import importlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,35 +22,24 @@ from torch import nn
 
 from zoo.errors import ZooError, did_you_mean
 
-# Modules of the zoo that register timm models when imported: timm name prefix -> module.
-ZOO_TIMM_MODULES: dict[str, str] = {"demansia2": "models.demansia2"}
-_import_errors: dict[str, str] = {}
 
 
-def register_zoo_models() -> None:
-    """Import the zoo's timm registrations; a module that fails is remembered and reported only if asked for."""
-    for module in ZOO_TIMM_MODULES.values():
-        if module in _import_errors:
-            continue
-        try:
-            importlib.import_module(module)
-        except Exception as e:  # noqa: BLE001 - a broken sibling model must not break every other backbone
-            _import_errors[module] = f"{type(e).__name__}: {e}"
+def zoo_model_names() -> list[str]:
+    """timm names the zoo's task packages register (`import models` registers them)."""
+    import models
+
+    return sorted(models.TIMM_NAMES)
 
 
 def check_backbone_name(name: str) -> None:
-    """Raise a `ZooError` unless `name` (optionally `arch.tag`) is a timm model, after the zoo's registrations."""
-    register_zoo_models()
+    """Raise a `ZooError` unless `name` (optionally `arch.tag`) is a timm model, the zoo's own included."""
+    zoo = zoo_model_names()
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         return
-    for prefix, module in ZOO_TIMM_MODULES.items():
-        if arch.startswith(prefix) and module in _import_errors:
-            raise ZooError(f"Backbone '{name}' is defined by {module}, which could not be imported "
-                           f"({_import_errors[module]}). Fix that module, or choose another backbone.")
     raise ZooError(f"Unknown backbone '{name}'.{did_you_mean(arch, timm.list_models())} Any timm model name works "
                    f"(list them with `python -c \"import timm; print(timm.list_models('*resnet*'))\"`), as do the "
-                   f"zoo's own: {', '.join(timm.list_models([p + '*' for p in ZOO_TIMM_MODULES])) or 'none loaded'}.")
+                   f"zoo's own: {', '.join(zoo)}.")
 
 
 def create_backbone(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:

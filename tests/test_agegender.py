@@ -7,8 +7,8 @@ import torch
 
 from datamodules.utkface_demo import draw_face, sample_age
 from losses.multitask import AgeGenderLoss
-from models.age_gender import AgeGender
-from models.age_gender_metrics import AgeGenderMetrics
+from models.agegender.module import AgeGender
+from models.agegender.metrics import AgeGenderMetrics
 
 
 def test_loss_terms_and_weights():
@@ -72,7 +72,6 @@ def test_overfits_a_small_batch_of_demo_faces():
 
 
 def test_swap_to_the_zoo_mamba_backbone_trains():
-    pytest.importorskip("models.demansia2", reason="models/demansia2.py (DeMansia 2 task) not in this checkout yet")
     torch.manual_seed(0)
     model = AgeGender(backbone="demansia2_micro", image_size=64)
     batch = face_batch(2)

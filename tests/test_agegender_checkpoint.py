@@ -11,7 +11,7 @@ import torch
 import predict
 from datamodules.utkface import UTKFaceDataModule
 from model_config import AgeGenderConfig
-from models.age_gender import AgeGender
+from models.agegender.module import AgeGender
 from zoo.checkpoint import load_model
 
 
@@ -69,7 +69,7 @@ def test_export_verb(trained, tmp_path, capsys):
     assert report["opset"] >= 13 and report["check_batch"] == 3
     assert report["fp32_max_abs_diff"]["age"] < 1e-2 and report["fp32_max_abs_diff"]["p_female"] < 1e-4
     assert report["int8_bytes"] < report["onnx_bytes"]
-    from models.export import run_onnx
+    from zoo.export import run_onnx
 
     age, p_female = run_onnx(out, {"image": np.zeros((5, 3, 64, 64), np.float32)})  # any batch size
     assert age.shape == p_female.shape == (5,)

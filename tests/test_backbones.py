@@ -1,6 +1,8 @@
 """models.backbones: any timm name (the zoo's own included), pooled features, data configs, offline-only weights."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -8,6 +10,8 @@ import torch
 from models import backbones
 from models.backbones import backbone_data_config, create_backbone, local_weights
 from zoo.errors import ZooError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -46,7 +50,7 @@ def test_pretrained_without_local_weights_is_a_zoo_error(empty_caches):
 
 
 def test_agegender_pretrained_fails_at_fit_not_at_load(empty_caches):
-    from models.age_gender import AgeGender
+    from models.agegender.module import AgeGender
 
     model = AgeGender(backbone="resnet10t", pretrained=True, image_size=64)  # a checkpoint opens without weights
     with pytest.raises(ZooError, match="resnet10t"):
@@ -70,16 +74,25 @@ def test_pretrained_loads_the_cached_file_offline(empty_caches):
     assert torch.equal(net.conv1[0].weight, reference.conv1[0].weight)
 
 
-def test_broken_zoo_module_is_reported_only_when_asked_for(monkeypatch):
-    monkeypatch.setattr(backbones, "ZOO_TIMM_MODULES", {"zoofake": "models.zoofake_does_not_exist"})
-    monkeypatch.setattr(backbones, "_import_errors", {})
-    create_backbone("resnet10t")  # other backbones are unaffected
-    with pytest.raises(ZooError, match="models.zoofake_does_not_exist.*could not be imported"):
+def test_every_zoo_backbone_is_created_by_timm_after_import_models():
+    """A fresh interpreter: `import models` alone registers every task's timm names (no hand-kept module list)."""
+    import subprocess
+    import sys
+
+    code = ("import models, timm, torch; names = sorted(models.TIMM_NAMES); print(' '.join(names)); "
+            "[timm.create_model(n, num_classes=0) for n in names if n.endswith('micro')]")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = set(out.stdout.split())
+    assert {"demansia2_micro", "demansia2_tiny", "demansia2_small", "face_mamba_micro", "face_mamba_tiny"} <= names
+
+
+def test_unknown_backbone_lists_the_zoo_names():
+    with pytest.raises(ZooError, match="Unknown backbone 'zoofake_micro'.*demansia2_micro.*face_mamba_micro"):
         create_backbone("zoofake_micro")
 
 
 def test_zoo_mamba_backbone_is_a_timm_model():
-    pytest.importorskip("models.demansia2", reason="models/demansia2.py (DeMansia 2 task) not in this checkout yet")
     net = create_backbone("demansia2_micro")
     size = backbone_data_config("demansia2_micro", image_size=64)["input_size"][1]
     assert net(torch.randn(2, 3, size, size)).shape == (2, net.num_features)

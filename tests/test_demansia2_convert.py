@@ -1,8 +1,7 @@
-"""checkpoints/convert_demansia2.py on a checkpoint synthesised with the released key layout and shapes (UPSTREAM.md),
+"""models/demansia2/convert.py (also run as checkpoints/convert_demansia2.py) on a checkpoint synthesised with the released key layout and shapes (UPSTREAM.md),
 checked against a forward pass rebuilt here from mamba-ssm's reference functions and plain torch."""
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -21,10 +20,9 @@ ATT_HEADS, ATT_HEAD_DIM, ROTARY = 3, 96, 48
 
 
 def _converter():
-    spec = importlib.util.spec_from_file_location("convert_demansia2", ROOT / "checkpoints" / "convert_demansia2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from models.demansia2 import convert
+
+    return convert
 
 
 def released_state_dict(depth: int = DEPTH, attn: tuple[int, ...] = ATTN, seed: int = 0) -> dict[str, torch.Tensor]:

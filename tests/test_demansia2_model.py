@@ -10,7 +10,7 @@ import torch
 from model_config import DeMansia2Config, get_entry
 from models.blocks.mha import MHA
 from models.demansia2 import DeMansia2, DeMansia2Net, mix_box, net_kwargs, swap_box
-from models.summary import count_parameters
+from zoo.summary import count_parameters
 
 SMALL = dict(d_model=32, depth=3, attn_layers=(1,), num_heads=2, attn_head_dim=16, rotary_dim=8, d_state=8,
              headdim=16, chunk_size=16, image_size=32, patch_size=4, stem_channels=8, num_classes=5)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import export as export_mod
-from models.export import ExportSpec, export_and_check, run_onnx
+from zoo import export as export_mod
+from zoo.export import ExportSpec, export_and_check, run_onnx
 from zoo.errors import ZooError
 
 

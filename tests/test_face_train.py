@@ -14,7 +14,7 @@ import train
 from datamodules.lfw import LFWDataModule
 from model_config import FaceConfig
 from models.face import FaceEmbedder
-from models.face_metrics import retrieval_metrics
+from models.face.metrics import retrieval_metrics
 
 TINY = ["--set", "image_size=32", "--set", "patch_size=8", "--set", "d_model=32", "--set", "depth=1",
         "--set", "d_state=8", "--set", "headdim=8", "--set", "embedding_dim=32", "--set", "augment=none",

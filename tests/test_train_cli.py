@@ -95,7 +95,7 @@ def test_checkpoint_of_another_model(toy_registered, capsys):
     ckpt = out["run_dir"] / "last.ckpt"
     err = _error(capsys, ["--model", "demansia2", "--resume", str(ckpt)])
     assert "holds a 'toy' model" in err and "--model toy" in err
-    from models.base import ZooModule
+    from zoo.module import ZooModule
 
     class Other(ZooModule):
         TASK = "other"

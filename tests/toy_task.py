@@ -12,7 +12,7 @@ from torch import nn
 
 from datamodules.base import ZooDataModule
 from model_config import BaseConfig, ModelEntry
-from models.base import ZooModule
+from zoo.module import ZooModule
 from zoo.errors import ZooError
 
 

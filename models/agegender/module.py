@@ -5,19 +5,13 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from losses.multitask import AgeGenderLoss
 from model_config import AgeGenderConfig
-from models.age_gender_metrics import AgeGenderMetrics
+from models.agegender.metrics import AgeGenderMetrics
+from models.agegender.model import mlp_head
 from models.backbones import create_backbone
-from models.base import ZooModule
-
-
-def mlp_head(in_features: int, hidden: int, dropout: float) -> nn.Sequential:
-    """pooled features (B, in_features) -> one raw score (B, 1)."""
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, 1))
+from zoo.module import ZooModule
 
 
 class AgeGender(ZooModule):
@@ -108,6 +102,6 @@ class AgeGender(ZooModule):
 
     # ----- inference -----
     def predict_commands(self) -> list:
-        from models.age_gender_commands import export, predict
+        from models.agegender.verbs import export, predict
 
         return [predict, export]

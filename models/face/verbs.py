@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from models.commands import Command
+from zoo.commands import Command
 from zoo.errors import ZooError
 from zoo.images import load_rgb
 
@@ -84,8 +84,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def _evaluate(model, args) -> int:
     from datamodules.lfw_pairs import read_pairs
-    from models.face import verify_pairs
-    from models.face_metrics import calibrate_threshold, retrieval_metrics
+    from models.face.metrics import calibrate_threshold, retrieval_metrics
+    from models.face.module import verify_pairs
 
     people, layout = _identities(args.folder, args.split, args.min_images)
     paths = [p for n in sorted(people) for p in people[n]]

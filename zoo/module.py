@@ -93,7 +93,7 @@ class ZooModule(L.LightningModule):
 
     # ----- inference -----
     def predict_commands(self) -> list:
-        """The task's `predict.py` verbs (`models.commands.Command`); none by default."""
+        """The task's `predict.py` verbs (`zoo.commands.Command`); none by default."""
         return []
 
     # ----- helpers for tasks -----

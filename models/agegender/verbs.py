@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.commands import Command
-from models.export import ExportSpec, export_command
+from zoo.commands import Command
 from zoo.errors import ZooError
+from zoo.export import ExportSpec, export_command
 from zoo.images import is_image, load_rgb
 
 GENDERS = ("male", "female")

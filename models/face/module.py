@@ -1,114 +1,19 @@
-"""Face embeddings: a patch-conv + Mamba-2 encoder (or any timm backbone), a linear head to a unit-length embedding, and
-the LightningModule that trains it with metric losses and evaluates retrieval and LFW verification.
-
-The `published` preset is upstream FaceRegSMM's RecSSM (UPSTREAM.md: Face recognition): 8x8 patch conv 3->128 +
-LayerNorm (256 tokens at 128x128), 6 pre-norm residual Mamba-2 blocks with LayerNorm, final LayerNorm, mean pooling,
-Linear -> 128, L2 normalisation. Our defaults add a learnt position embedding and bidirectional Mamba-2 mixers.
-"""
+"""`FaceEmbedder`: the LightningModule of the face task (metric losses, two-stage schedule, retrieval and LFW
+verification, the calibrated same/different threshold)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
 from losses.metric import MetricLoss
 from model_config import FaceConfig
-from models.base import ZooModule
-from models.blocks.bidirectional import BidirectionalMamba2
-from models.blocks.mamba2 import Mamba2
-from models.blocks.residual import Block
-from models.face_metrics import calibrate_threshold, retrieval_metrics
-
-
-class PatchEmbed(nn.Module):
-    """(B, 3, H, W) -> (B, (H/p)(W/p), dim): one conv with kernel = stride = p, flattened row-major, LayerNorm."""
-
-    def __init__(self, patch_size: int, dim: int, in_chans: int = 3):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(rearrange(self.proj(x), "b d h w -> b (h w) d"))
-
-
-class MambaFaceEncoder(nn.Module):
-    """Patch embedding (+ optional learnt position embedding), `depth` pre-norm residual Mamba-2 blocks (LayerNorm),
-    final LayerNorm and mean pooling over tokens: (B, 3, S, S) -> (B, d_model). `num_features` = d_model.
-
-    State-dict keys: patch_embed.{proj,norm}.*, pos_embed, blocks.{i}.{norm,mixer}.*, final_norm.*.
-    """
-
-    def __init__(self, cfg: FaceConfig):
-        super().__init__()
-        d = cfg.d_model
-        self.num_features = d
-        self.patch_embed = PatchEmbed(cfg.patch_size, d)
-        self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, d)) if cfg.pos_embed else None
-        mixer = BidirectionalMamba2 if cfg.bidirectional else Mamba2
-        self.blocks = nn.ModuleList(
-            Block(d, partial(mixer, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
-                             layer_idx=i), norm_cls=nn.LayerNorm, residual_in_fp32=True)
-            for i in range(cfg.depth)
-        )
-        self.final_norm = nn.LayerNorm(d)
-        if self.pos_embed is not None and not self.pos_embed.is_meta:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.patch_embed(x)
-        if self.pos_embed is not None:
-            if h.shape[1] != self.pos_embed.shape[1]:
-                raise ValueError(f"input gives {h.shape[1]} tokens but the position embedding has "
-                                 f"{self.pos_embed.shape[1]}: feed images of the configured image_size")
-            h = h + self.pos_embed
-        residual = None
-        for block in self.blocks:
-            h, residual = block(h, residual)
-        h = self.final_norm((h + residual).to(self.final_norm.weight.dtype) if residual is not None else h)
-        return h.mean(dim=1)
-
-
-class FaceEmbeddingNet(nn.Module):
-    """Image (B, 3, S, S) in [-1, 1] -> embedding (B, embedding_dim), unit L2 norm (cosine similarity = dot product).
-
-    The encoder is `MambaFaceEncoder` (cfg.backbone == "mamba") or any timm model from `models.backbones`
-    (pooled features); the head is one Linear layer.
-    """
-
-    def __init__(self, cfg: FaceConfig):
-        super().__init__()
-        if cfg.backbone == "mamba":
-            self.encoder = MambaFaceEncoder(cfg)
-        else:
-            from models.backbones import create_backbone
-
-            self.encoder = create_backbone(cfg.backbone, pretrained=cfg.pretrained)
-        self.head = nn.Linear(self.encoder.num_features, cfg.embedding_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.head(self.encoder(x)), dim=-1)
-
-
-def upstream_state_dict_to_zoo(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename the keys of an upstream FaceRegSMM `RecSSM` state_dict to `FaceEmbedder`'s (published preset)."""
-    out = {}
-    for k, v in state_dict.items():
-        k = k.removeprefix("module.").removeprefix("model.")
-        if k.startswith("ssm_blocks."):
-            i, rest = k.split(".", 2)[1:]
-            k = f"blocks.{i}.mixer.{rest}"
-        elif k.startswith("norms."):
-            i, rest = k.split(".", 2)[1:]
-            k = f"blocks.{i}.norm.{rest}"
-        out[("net.head." + k[5:]) if k.startswith("head.") else f"net.encoder.{k}"] = v
-    return out
+from models.face.metrics import calibrate_threshold, retrieval_metrics
+from models.face.model import FaceEmbeddingNet
+from zoo.module import ZooModule
 
 
 class FaceEmbedder(ZooModule):
@@ -244,12 +149,13 @@ class FaceEmbedder(ZooModule):
         # The 2-D embedding page of the validation split at the end of training, next to the checkpoints.
         if self.trainer.logger and not self.trainer.fast_dev_run:
             from callbacks.embeddings import EmbeddingPlotCallback
+            from models.face.verbs import embed_items
 
-            return [EmbeddingPlotCallback()]
+            return [EmbeddingPlotCallback(embed_items)]
         return []
 
     def predict_commands(self) -> list:
-        from models.face_commands import face_commands
+        from models.face.verbs import face_commands
 
         return face_commands()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from models.commands import Command
+from zoo.commands import Command
 from zoo.errors import ZooError
 from zoo.images import is_image, load_rgb
 

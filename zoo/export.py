@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.commands import Command
+from zoo.commands import Command
 from zoo.errors import ZooError
 
 DEFAULT_OPSET = 18

@@ -15,16 +15,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from einops import rearrange
 from timm.layers import lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from callbacks.ema import EMA
-from losses.token_labeling import TokenLabelingLoss, one_hot_smoothed, token_label_targets
 from model_config import DeMansia2Config
-from models.base import ZooModule
 from models.blocks.bidirectional import BidirectionalMamba2
 from models.blocks.mha import MHA
 from models.blocks.norm import RMSNorm
@@ -330,107 +326,3 @@ def demansia2_tiny(pretrained: bool = False, **kwargs: Any) -> DeMansia2Net:
 def demansia2_small(pretrained: bool = False, **kwargs: Any) -> DeMansia2Net:
     """DeMansia 2 Small (d_model 384, 24 layers, 32.7M parameters), 224x224 input."""
     return _create("demansia2_small", "small", pretrained, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# LightningModule
-# ----------------------------------------------------------------------------------------------------------------------
-class DeMansia2(ZooModule):
-    """DeMansia 2 training and inference.
-
-    Batches are dicts from `datamodules.imagenet`: "image" (B, 3, S, S), "label" (B,), and with token labels
-    "label_map" (B, 2, 5, h, w), "box" (B, 4), "flip" (B,).
-
-    Training loss (weights `cls_label_weight`, `token_label_weight`):
-    - with token labels: soft CE of the class logits against the pooled teacher map (mixed by MixToken's lambda) +
-      dense soft CE of the token logits against the teacher map on the token grid (unmixed: the token logits inside the
-      MixToken box are swapped back);
-    - without: label-smoothed CE of the class logits (MixToken-mixed one-hot targets) + label-smoothed CE of the max
-      over tokens of the token logits (the term the eval logits add) against the image's label.
-    Validation: top-1/top-5 and CE of head(cls) + aux_weight * max_t aux_head(tokens); with EMA the EMA weights give
-    val/top1, val/top5, val/loss and the raw weights val/top1_raw, val/top5_raw, val/loss_raw.
-    """
-
-    TASK = "demansia2"
-    CONFIG = DeMansia2Config
-
-    def __init__(self, config: DeMansia2Config | dict[str, Any] | None = None, task: str | None = None,
-                 **overrides: Any):
-        super().__init__(config, task, **overrides)
-        cfg = self.cfg
-        self.model = DeMansia2Net(**net_kwargs(cfg))
-        self.criterion = TokenLabelingLoss(cfg.cls_label_weight, cfg.token_label_weight)
-        k = max(cfg.num_classes, 1)
-        self.metrics = nn.ModuleDict({
-            name: torchmetrics.classification.MulticlassAccuracy(num_classes=k, top_k=min(top, k), average="micro")
-            for name, top in (("top1", 1), ("top5", 5), ("top1_raw", 1), ("top5_raw", 5))
-        })
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Images (B, 3, H, W), normalised with ImageNet mean/std -> logits (B, num_classes)."""
-        return self.model(x)
-
-    # ----- training -----
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        cfg, x, labels = self.cfg, batch["image"], batch["label"]
-        grid = self.model.token_grid(x)
-        box, lam = mix_box(grid) if cfg.mix_token else (None, 1.0)
-        cls_logits, token_logits = self.model.forward_train(x, box)
-        if "label_map" in batch:
-            cls_target, token_target = token_label_targets(batch["label_map"], batch["box"], batch["flip"],
-                                                           cfg.num_classes, grid, cfg.label_smoothing)
-            max_target = None
-        else:
-            cls_target = one_hot_smoothed(labels, cfg.num_classes, cfg.label_smoothing)
-            token_target, max_target = None, cls_target
-        if box is not None:
-            cls_target = lam * cls_target + (1.0 - lam) * cls_target.flip(0)
-        loss, parts = self.criterion(cls_logits, token_logits, cls_target, token_target, max_target)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
-        self.log_dict({"train/loss_cls": parts["cls"], "train/loss_token": parts["token"]}, on_step=False,
-                      on_epoch=True, batch_size=len(x))
-        return loss
-
-    # ----- validation -----
-    def _ema_callback(self) -> EMA | None:
-        trainer = self._trainer
-        return next((c for c in trainer.callbacks if isinstance(c, EMA)), None) if trainer is not None else None
-
-    def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
-        x, labels = batch["image"], batch["label"]
-        ema = self._ema_callback()
-        raw = ema.raw_module() if ema is not None else None
-        runs = [("", self.model)] + ([("_raw", raw.model)] if raw is not None else [])
-        for suffix, net in runs:
-            was_training = net.training
-            net.eval()  # the raw copy is not switched to eval mode by the Trainer
-            logits = net(x)
-            net.train(was_training)
-            self.metrics["top1" + suffix].update(logits, labels)
-            self.metrics["top5" + suffix].update(logits, labels)
-            self.log(f"{prefix}/loss{suffix}", F.cross_entropy(logits.float(), labels), prog_bar=not suffix,
-                     batch_size=len(x))
-            self.log(f"{prefix}/top1{suffix}", self.metrics["top1" + suffix], prog_bar=not suffix, batch_size=len(x))
-            self.log(f"{prefix}/top5{suffix}", self.metrics["top5" + suffix], batch_size=len(x))
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def configure_callbacks(self) -> list:
-        return [EMA(decay=self.cfg.ema_decay)] if self.cfg.ema else []
-
-    # ----- inference -----
-    def eval_transform(self):
-        """The preprocessing that matches this model: PIL image -> (3, image_size, image_size) tensor."""
-        from datamodules.imagenet import eval_transform
-
-        return eval_transform(self.cfg.image_size, self.cfg.crop_pct)
-
-    def predict_commands(self) -> list:
-        from models.classify import classify_command
-
-        return [classify_command()]
-
