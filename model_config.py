@@ -16,6 +16,18 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from zoo.config_checks import (
+    NON_EMPTY,
+    Check,
+    Each,
+    Free,
+    Matches,
+    above,
+    at_least,
+    between,
+    check_config,
+    config_error,
+)
 from zoo.errors import ZooError, did_you_mean, unknown
 from zoo.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, get_entry, register  # noqa: F401 - re-exported
 
@@ -25,7 +37,17 @@ from zoo.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, get_entry, registe
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class BaseConfig:
-    """Training knobs every task has. Units: lr per optimizer step, epochs over the training set."""
+    """Training knobs every task has. Units: lr per optimizer step, epochs over the training set.
+
+    Every config validates itself when built (`__post_init__`, so presets, `--set`, flags and checkpoints alike): each
+    field's type, the range declared for it in `CHECKS`, then the rules between fields in `check()`; a bad value is a
+    one-line `ZooError` naming the field, the value and the valid range. A task config lists its own fields in its
+    `CHECKS` (merged with its bases'; `at_least(1)`, `above(0)`, `between(0, 1, hi_open=True)`, `Each(...)` for
+    tuples, `Matches(...)` for strings, `Free("why")` where any value of the type is fine; bool and Literal fields need
+    no entry) and overrides `check()` (calling `super().check()`) to raise `config_error(self, field, "must ...")`.
+    tests/test_config_validation.py fails for a number, string or tuple field without a `CHECKS` entry, and feeds
+    every declared range an invalid value. See zoo/config_checks.py.
+    """
 
     epochs: int = 10
     batch_size: int = 32
@@ -50,9 +72,25 @@ class BaseConfig:
     monitor_mode: Literal["min", "max"] = "min"
     save_top_k: int = 1
     ckpt_every_n_steps: int = 0  # also write last.ckpt every N optimizer steps (0 = at epoch ends only)
+    strict_data: bool = False  # unreadable image files are an error instead of being reported and skipped
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     DEFAULT_PRESET: ClassVar[str | None] = None
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "epochs": at_least(1), "batch_size": at_least(1), "lr": above(0), "weight_decay": at_least(0),
+        "betas": Each(between(0, 1, hi_open=True)), "warmup_epochs": at_least(0), "warmup_lr": at_least(0),
+        "min_lr": at_least(0), "decay_epochs": above(0), "decay_rate": between(0, 1, lo_open=True),
+        "grad_clip": at_least(0), "accumulate": at_least(1), "seed": between(0, 2**32 - 1),
+        "num_workers": at_least(0), "image_size": at_least(1),
+        "monitor": Matches(r"(train|val|test)/\S+", "a logged metric such as val/loss", "loss"),
+        "save_top_k": at_least(-1), "ckpt_every_n_steps": at_least(0),
+    }
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+    def check(self) -> None:
+        """Rules between fields (ranges of single fields go in CHECKS); raise `config_error(self, field, why)`."""
 
     # ----- construction -----
     @classmethod
@@ -171,6 +209,22 @@ def _coerce_json(value: Any, tp: Any) -> Any:
     return value
 
 
+def mamba_width_check(cfg: Any) -> None:
+    """Mamba-2 splits d_model * expand channels into heads of headdim."""
+    width = cfg.d_model * cfg.expand
+    if width % cfg.headdim:
+        fits = [h for h in range(min(cfg.headdim, width), 0, -1) if width % h == 0][0]
+        raise config_error(cfg, "headdim", f"must divide d_model * expand = {cfg.d_model} * {cfg.expand} = {width} "
+                                           f"(Mamba-2 heads), e.g. headdim={fits}, or change d_model / expand")
+
+
+def split_check(cfg: Any) -> None:
+    """train/val/test fractions: sum to 1, some training data."""
+    if abs(sum(cfg.split) - 1.0) > 1e-6 or cfg.split[0] <= 0:
+        raise config_error(cfg, "split", f"must be train,val,test fractions that sum to 1 with train > 0 "
+                                         f"(these sum to {sum(cfg.split):g})")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Per-model configs (defaults = our recommended settings; `published` = the upstream recipe)
 # --------------------------------------------------------------------------------------------------------------------
@@ -206,6 +260,10 @@ class DeMansia2Config(BaseConfig):
     aux_weight: float = 0.5  # eval logits = head(cls) + aux_weight * max_t aux_head(tokens)
     ema: bool = True
     ema_decay: float = 0.9999
+    backbone: str = "demansia2"  # demansia2 = this network; any timm name (resnet18, ...) = that model as classifier
+    ema_warmup: bool = True  # ramp the EMA decay as (1 + t) / (10 + t) (timm); published: a constant decay
+    token_label_smoothing: Literal["normalized", "lvvit"] = "normalized"  # lvvit = the published 0.9001 / 1e-4 values
+    train_interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"  # random = either, per image (published)
     randaugment: str = "rand-m9-mstd0.5-inc1"
     random_erasing: float = 0.25
     crop_scale_min: float = 0.08
@@ -221,22 +279,64 @@ class DeMansia2Config(BaseConfig):
     monitor_mode: Literal["min", "max"] = "max"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # CPU demo: 64 px images, 8x8 tokens, 4 layers (attention at 2); ~0.2M parameters.
+        # Every preset carries the whole architecture, so a preset listed after another replaces its network entirely:
+        # `published` alone is the published Tiny, `published,small` the published recipe on our Small. CPU demo: 64 px images, 8x8 tokens, 4 layers (attention at 2); ~0.2M parameters.
         "micro": dict(d_model=64, depth=4, attn_layers=(2,), num_heads=2, attn_head_dim=32, rotary_dim=16,
-                      d_state=16, headdim=16, chunk_size=64, image_size=64, patch_size=4, stem_channels=32,
+                      d_state=16, d_conv=4, expand=2, headdim=16, chunk_size=64, image_size=64, patch_size=4,
+                      stem_channels=32, num_classes=10, scan_mode="bidirectional",
                       epochs=5, batch_size=32, lr=1e-3, warmup_epochs=1.0, weight_decay=0.05, ema_decay=0.99,
                       randaugment="", random_erasing=0.0, crop_scale_min=0.5, num_workers=2),
         "tiny": dict(d_model=192, depth=24, attn_layers=(10, 20), num_heads=3, attn_head_dim=96, rotary_dim=48,
-                     d_state=128, headdim=48, image_size=224, patch_size=8, stem_channels=64, num_classes=1000),
+                     d_state=128, d_conv=4, expand=2, headdim=48, chunk_size=64, image_size=224, patch_size=8,
+                     stem_channels=64, num_classes=1000, scan_mode="bidirectional"),
         "small": dict(d_model=384, depth=24, attn_layers=(10, 20), num_heads=6, attn_head_dim=96, rotary_dim=48,
-                      d_state=128, headdim=96, image_size=224, patch_size=8, stem_channels=64, num_classes=1000),
-        "published": dict(scan_mode="legacy", optimizer="lion", lr=1e-4, weight_decay=0.5, betas=(0.9, 0.99),
+                      d_state=128, d_conv=4, expand=2, headdim=96, chunk_size=64, image_size=224, patch_size=8,
+                      stem_channels=64, num_classes=1000, scan_mode="bidirectional"),
+        # The published network (Tiny, chunk 256, the channel-flip "bidirectional" mixer) and recipe (UPSTREAM.md).
+        "published": dict(d_model=192, depth=24, attn_layers=(10, 20), num_heads=3, attn_head_dim=96, rotary_dim=48,
+                          d_state=128, d_conv=4, expand=2, headdim=48, chunk_size=256, image_size=224, patch_size=8,
+                          stem_channels=64, num_classes=1000, crop_pct=0.875,
+                          scan_mode="legacy", optimizer="lion", lr=1e-4, weight_decay=0.5, betas=(0.9, 0.99),
                           no_decay_on_norm_bias=False, warmup_epochs=10.0, warmup_lr=1e-7, min_lr=1e-6,
-                          sched_interval="epoch", epochs=300, batch_size=256, accumulate=4, ema_decay=0.9999,
-                          label_smoothing=0.1, drop_path=0.0, randaugment="rand-m9-mstd0.5-inc1",
-                          random_erasing=0.25, crop_scale_min=0.08, mix_token=True, ema=True),
+                          scheduler="cosine", sched_interval="epoch", epochs=300, batch_size=256, accumulate=4,
+                          ema=True, ema_decay=0.9999, ema_warmup=False, label_smoothing=0.1,
+                          token_label_smoothing="lvvit", token_label_weight=1.0, cls_label_weight=1.0, aux_weight=0.5,
+                          drop_path=0.0, randaugment="rand-m9-mstd0.5-inc1", random_erasing=0.25,
+                          crop_scale_min=0.08, train_interpolation="random", mix_token=True, grad_clip=0.0),
     }
     DEFAULT_PRESET: ClassVar[str | None] = "micro"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "d_model": at_least(1), "depth": at_least(1), "attn_layers": Each(at_least(0)), "num_heads": at_least(1),
+        "attn_head_dim": at_least(1), "rotary_dim": at_least(0), "d_state": at_least(1), "d_conv": at_least(1),
+        "expand": at_least(1), "headdim": at_least(1), "chunk_size": at_least(1), "patch_size": at_least(1),
+        "stem_channels": at_least(1), "drop_path": between(0, 1, hi_open=True), "num_classes": at_least(1),
+        "class_names": Free("set from the data; its length is checked against num_classes"),
+        "crop_pct": between(0, 1, lo_open=True), "label_smoothing": between(0, 1, hi_open=True),
+        "token_label_dir": Free("a folder, checked when the data loads"), "token_label_weight": at_least(0),
+        "cls_label_weight": at_least(0), "aux_weight": at_least(0), "ema_decay": between(0, 1, hi_open=True),
+        "backbone": NON_EMPTY, "random_erasing": between(0, 1), "crop_scale_min": between(0, 1, lo_open=True),
+        "randaugment": Matches(r"((rand|augmix|original|originalr|v0|v0r|3a)(-[\w.]+)*)?",
+                               "empty (off) or a timm auto-augment string such as rand-m9-mstd0.5-inc1", "bogus"),
+    }
+
+    def check(self) -> None:
+        super().check()
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise config_error(self, "class_names", f"must name num_classes={self.num_classes} classes, not "
+                                                    f"{len(self.class_names)} (or be empty)")
+        if self.backbone != "demansia2":
+            return  # a timm classifier: the fields below describe our network only
+        mamba_width_check(self)
+        stride = 2 * self.patch_size
+        if self.image_size % stride:
+            raise config_error(self, "image_size", f"must be a multiple of 2 * patch_size = {stride} (the stem's "
+                                                   f"stride), e.g. {max(stride, self.image_size // stride * stride)}")
+        wrong = [i for i in self.attn_layers if i >= self.depth]
+        if wrong:
+            raise config_error(self, "attn_layers", f"must be layer indices below depth={self.depth}; {wrong[0]} is "
+                                                    f"not")
+        if self.rotary_dim > self.attn_head_dim or self.rotary_dim % 2:
+            raise config_error(self, "rotary_dim", f"must be even and at most attn_head_dim={self.attn_head_dim}")
 
 
 @dataclass
@@ -244,7 +344,8 @@ class AgeGenderConfig(BaseConfig):
     """Age regression + gender classification on a timm backbone (UPSTREAM.md: Age and gender)."""
 
     backbone: str = "efficientnet_b0"
-    pretrained: bool = False  # True only loads weights already in the local timm/HF cache: never downloads
+    pretrained: bool = False  # timm / HF hub weights: downloaded when online, the local cache offline
+    init_from: str | None = None  # a zoo checkpoint (e.g. demansia2's) whose network starts the backbone
     head_hidden: int = 128
     dropout: float = 0.2
     max_age: float = 116.0
@@ -273,6 +374,17 @@ class AgeGenderConfig(BaseConfig):
                           monitor="val/loss", monitor_mode="min", no_decay_on_norm_bias=False),
     }
     DEFAULT_PRESET: ClassVar[str | None] = "micro"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "backbone": NON_EMPTY, "init_from": Free("a checkpoint path, checked when it is opened"),
+        "head_hidden": at_least(1), "dropout": between(0, 1, hi_open=True), "max_age": above(0),
+        "age_beta": above(0), "age_weight": at_least(0), "gender_weight": at_least(0), "split": Each(between(0, 1)),
+    }
+
+    def check(self) -> None:
+        super().check()
+        split_check(self)
+        if self.age_weight + self.gender_weight <= 0:
+            raise config_error(self, "age_weight", "and gender_weight must not both be 0 (nothing would be learned)")
 
 
 @dataclass
@@ -281,6 +393,7 @@ class FaceConfig(BaseConfig):
 
     backbone: str = "mamba"  # "mamba" = our patch-embed + Mamba-2 stack, or any timm model name
     pretrained: bool = False
+    init_from: str | None = None  # a zoo checkpoint (face, demansia2, agegender) whose network starts the encoder
     patch_size: int = 8
     d_model: int = 128
     depth: int = 6
@@ -298,9 +411,11 @@ class FaceConfig(BaseConfig):
     scale: float = 64.0  # ArcFace / CosFace scale
     stage2_miner: Literal["all", "semihard", "hard", "none"] | None = None  # upstream's two-stage schedule
     stage2_epoch: int = 0  # epoch at which stage 2 starts (fresh optimiser and schedule); 0 = one stage
+    stage2_from_best: bool = False  # stage 2 restarts from the best stage-1 weights (by the monitor), as published
+    early_stop_patience: int = 0  # stop a stage after this many epochs without a better monitor value; 0 = off
     num_classes: int = 0  # training identities, set from the data (ArcFace / CosFace class weights)
     augment: Literal["none", "light", "heavy"] = "light"  # heavy = upstream's augmentation list
-    pairs_file: str | None = None  # pairs.txt for 10-fold verification; None = <data-dir>/pairs.txt if present
+    pairs_file: str | None = "auto"  # LFW pairs file for verification; auto = pairs.txt beside the images; none = off
     m_per_class: int = 2  # K images per identity in each batch
     min_images_per_person: int = 2
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -314,49 +429,218 @@ class FaceConfig(BaseConfig):
     monitor_mode: Literal["min", "max"] = "max"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "micro": dict(d_model=64, depth=2, d_state=16, headdim=16, embedding_dim=64, image_size=64, patch_size=8,
+        # Every preset carries the whole network (backbone and every architecture field), so presets compose
+        # predictably: the last one listed decides the network.
+        "micro": dict(backbone="mamba", d_model=64, depth=2, d_state=16, d_conv=4, expand=2, headdim=16,
+                      bidirectional=True, pos_embed=True, embedding_dim=64, image_size=64, patch_size=8,
                       epochs=15, batch_size=32, lr=2e-3, warmup_epochs=1.0),
-        "tiny": dict(d_model=192, depth=12, d_state=64, headdim=48, embedding_dim=256, image_size=112),
-        "small": dict(d_model=384, depth=12, d_state=64, headdim=64, embedding_dim=512, image_size=112),
+        "tiny": dict(backbone="mamba", d_model=192, depth=12, d_state=64, d_conv=4, expand=2, headdim=48,
+                     bidirectional=True, pos_embed=True, embedding_dim=256, image_size=112, patch_size=8),
+        "small": dict(backbone="mamba", d_model=384, depth=12, d_state=64, d_conv=4, expand=2, headdim=64,
+                      bidirectional=True, pos_embed=True, embedding_dim=512, image_size=112, patch_size=8),
         "published": dict(backbone="mamba", patch_size=8, d_model=128, depth=6, d_state=64, d_conv=4, expand=2,
                           headdim=32, bidirectional=False, pos_embed=False, embedding_dim=128, image_size=128,
                           loss="triplet", miner="all", margin=0.2, stage2_miner="hard", m_per_class=2,
-                          stage2_epoch=10, optimizer="adamw", lr=3e-3, warmup_epochs=10.0, min_lr=1e-6,
-                          sched_interval="epoch", epochs=20, batch_size=32, augment="heavy"),
+                          stage2_epoch=10, stage2_from_best=True, early_stop_patience=10, optimizer="adamw",
+                          lr=3e-3, warmup_epochs=10.0, min_lr=1e-6, sched_interval="epoch", epochs=20, batch_size=32,
+                          augment="heavy"),
     }
     DEFAULT_PRESET: ClassVar[str | None] = "micro"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "backbone": NON_EMPTY, "patch_size": at_least(1), "d_model": at_least(1), "depth": at_least(1),
+        "d_state": at_least(1), "d_conv": at_least(1), "expand": at_least(1), "headdim": at_least(1),
+        "embedding_dim": at_least(1), "margin": above(0), "scale": above(0), "stage2_epoch": at_least(0),
+        "early_stop_patience": at_least(0), "num_classes": at_least(0),
+        "pairs_file": Free("a file (or auto / none), checked when the data loads"), "m_per_class": at_least(1),
+        "init_from": Free("a checkpoint path, checked when it is opened"),
+        "min_images_per_person": at_least(1), "split": Each(between(0, 1)),
+    }
+
+    def check(self) -> None:
+        super().check()
+        split_check(self)
+        if self.backbone == "mamba":
+            mamba_width_check(self)
+            if self.image_size < self.patch_size:
+                raise config_error(self, "image_size", f"must be at least patch_size={self.patch_size}")
 
 
 @dataclass
 class HandConfig(BaseConfig):
-    """Hand biometrics on 11k Hands: identity, gender, age group (UPSTREAM.md: Hand biometrics). Planned."""
+    """Hand biometrics on 11k Hands: a VMamba v0 encoder + SUM-style U-Net decoder with identity, gender and age-group
+    heads and an embedding for open-set identification (UPSTREAM.md: Hand biometrics; docs/hand.md)."""
 
+    # data and protocol
+    protocol: Literal["closed_set", "open_set"] = "closed_set"  # closed_set = upstream's per-aspect 80/20 split
+    val_fraction: float = 0.2  # closed set: share of each aspect's rows in validation (stratified by subject)
+    split_seed: int = 42  # the protocols' split seed (upstream: 42), independent of the training seed
+    open_val_identities: float = 0.2  # open set: share of the training half's identities held out for validation
+    gallery_draws: int = 10  # open set: seeded random gallery draws the retrieval metrics are averaged over
+    aspects: tuple[str, ...] = ()  # aspects to keep ("palmar right", "dorsal left", ...); empty = all four
+    keep_accessories: bool = False  # upstream drops rows with accessories
+    skip_missing_images: bool = False  # CSV rows without an image file: skipped with a report instead of an error
+    age_bins: tuple[int, ...] = (0, 21, 22, 23, 24, 31, 76)  # right-open age groups
+    silhouette_threshold: int = 40  # a pixel is hand when 255 - min(R, G, B) exceeds this (white background)
     image_size: int = 224
-    age_bins: tuple[int, ...] = (0, 21, 22, 23, 24, 31, 76)
+    # network
+    encoder: Literal["micro", "tiny", "small"] = "tiny"  # VMamba v0 size
+    pretrained_ckpt: str | None = None  # VMamba v0 ImageNet checkpoint (.pth, its `model` entry) for the encoder
+    drop_path: float = 0.1
+    decoder: bool = True  # the SUM U-Net decoder (its features feed the heads, its output the silhouette)
+    head: Literal["multiscale", "published"] = "multiscale"  # published = sigmoid, flatten, three MLP heads
+    head_dropout: float = 0.2
+    embedding_dim: int = 128
+    freeze_encoder_epochs: int = 0  # encoder frozen for the first N epochs; -1 = for the whole run
+    # losses
     label_smoothing: float = 0.1
+    identity_weight: float = 1.0
+    gender_weight: float = 1.0
+    age_weight: float = 1.0
+    metric_loss: Literal["arcface", "cosface", "triplet"] = "arcface"  # on the embedding (losses.metric)
+    metric_weight: float = 0.2  # 0 turns the embedding loss off (ArcFace at scale 30 would drown the CE heads at 1)
+    margin: float | None = None  # None = the loss's usual one (ArcFace 28.6 degrees)
+    scale: float = 30.0  # ArcFace / CosFace scale
+    silhouette_weight: float = 0.5  # the decoder's dense auxiliary loss; 0 turns it off
+    # schedule extras
+    decay_milestones: tuple[int, ...] = ()  # epochs where the lr is multiplied by decay_rate (replaces `scheduler`)
+    early_stopping_patience: int = 0  # epochs without a better `monitor` before stopping; 0 = off
+    # set from the data (saved in checkpoints for predict.py)
+    num_identities: int = 2
+    num_age_groups: int = 6
+    identity_names: tuple[str, ...] = ()
+    gender_names: tuple[str, ...] = ("female", "male")
+    optimizer: Literal["adamw", "adam", "lion", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    epochs: int = 30
+    batch_size: int = 32
+    warmup_epochs: float = 1.0
+    monitor: str = "val/rank1"
+    monitor_mode: Literal["min", "max"] = "max"
+
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "micro": dict(image_size=64),
-        "published": dict(optimizer="adam", lr=8e-6, weight_decay=5e-4, epochs=70, batch_size=20),
+        "micro": dict(encoder="micro", image_size=64, drop_path=0.0, epochs=10, batch_size=16, lr=2e-3,
+                      warmup_epochs=0.5, head="multiscale", decoder=True, num_workers=0),
+        "tiny": dict(encoder="tiny", image_size=224, drop_path=0.1, head="multiscale", decoder=True),
+        "small": dict(encoder="small", image_size=224, drop_path=0.3, head="multiscale", decoder=True),
+        # Upstream's effective model and intended recipe: frozen VMamba-S, sigmoid(stage 4) flattened into three
+        # MLP heads, CE with label smoothing 0.1 summed 1:1:1, Adam, warm-up 8e-6 -> 8e-4 over 10 epochs, 4e-4 from
+        # epoch 30, 70 epochs, early stopping (patience 5) on the validation loss, batch 20.
+        "published": dict(encoder="small", image_size=224, drop_path=0.0, decoder=False, head="published",
+                          freeze_encoder_epochs=-1, metric_weight=0.0, silhouette_weight=0.0, label_smoothing=0.1,
+                          identity_weight=1.0, gender_weight=1.0, age_weight=1.0, head_dropout=0.5,
+                          optimizer="adam", lr=8e-4, warmup_lr=8e-6, warmup_epochs=10.0, weight_decay=5e-4,
+                          decay_milestones=(30,), decay_rate=0.5, sched_interval="epoch", epochs=70, batch_size=20,
+                          no_decay_on_norm_bias=False, early_stopping_patience=5, monitor="val/loss",
+                          monitor_mode="min", protocol="closed_set", keep_accessories=False, split_seed=42),
     }
     DEFAULT_PRESET: ClassVar[str | None] = "micro"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "val_fraction": between(0, 1, lo_open=True, hi_open=True), "split_seed": between(0, 2**32 - 1),
+        "open_val_identities": between(0, 1, hi_open=True), "gallery_draws": at_least(1),
+        "aspects": Each(Matches(r"(?i)(palmar|dorsal) (right|left)",
+                                "an aspect: palmar right, palmar left, dorsal right or dorsal left", "palm")),
+        "age_bins": Each(at_least(0)), "silhouette_threshold": between(0, 254),
+        "pretrained_ckpt": Free("a VMamba v0 checkpoint path, checked when it is opened"),
+        "drop_path": between(0, 1, hi_open=True), "head_dropout": between(0, 1, hi_open=True),
+        "embedding_dim": at_least(1), "freeze_encoder_epochs": at_least(-1),
+        "label_smoothing": between(0, 1, hi_open=True), "identity_weight": at_least(0), "gender_weight": at_least(0),
+        "age_weight": at_least(0), "metric_weight": at_least(0), "margin": above(0), "scale": above(0),
+        "silhouette_weight": at_least(0), "decay_milestones": Each(at_least(1)), "early_stopping_patience": at_least(0),
+        "num_identities": at_least(1), "num_age_groups": at_least(1),
+        "identity_names": Free("set from the data (the training subjects' ids)"),
+        "gender_names": Free("set from the data"),
+    }
+
+    def check(self) -> None:
+        super().check()
+        if self.image_size % 32:
+            raise config_error(self, "image_size", "must be a multiple of 32 (VMamba's stride; the U-Net adds skips)")
+        bins = tuple(self.age_bins)
+        if len(bins) < 2 or any(b <= a for a, b in zip(bins, bins[1:])):
+            raise config_error(self, "age_bins", "must be at least two increasing ages (right-open groups)")
 
 
 @dataclass
 class PalmConfig(BaseConfig):
-    """Palm-image diffusion generator (UPSTREAM.md: Palm synthesis). Planned."""
+    """Palm-image diffusion generator (UPSTREAM.md: Palm synthesis).
 
-    image_size: int = 128
+    Denoiser: denoising-diffusion-pytorch's `Unet(unet_dim, dim_mults)`; with `mixer="vss"` its attention at the
+    innermost `vss_levels` resolutions (and the middle block) is replaced by the zoo's 2D selective-scan `VSSBlock`.
+    Diffusion: the library's `GaussianDiffusion` (`timesteps` training steps, `objective`, `beta_schedule`); samples
+    with DDIM in `sampling_steps` steps (eta `ddim_eta`) from the EMA weights (ema-pytorch, as the library's trainer:
+    decay `ema_decay`, updated every `ema_update_every` optimizer steps, copied outright before
+    `ema_update_after_step`). Images in [0, 1] at `image_size` px; `max_steps` > 0 ends training after that many
+    optimizer steps (the upstream recipe counts steps, not epochs).
+    """
+
+    image_size: int = 64
     unet_dim: int = 64
     dim_mults: tuple[int, ...] = (1, 2, 4, 8)
+    mixer: Literal["vss", "attention"] = "vss"  # attention = the library's Unet unchanged (upstream)
+    vss_levels: int = 2  # innermost resolutions whose attention becomes a VSSBlock (the middle block always does)
+    vss_d_state: int = 16
+    vss_expand: int = 2
+    dropout: float = 0.0
     timesteps: int = 1000
-    sampling_timesteps: int = 250
+    objective: Literal["pred_noise", "pred_x0", "pred_v"] = "pred_v"
+    beta_schedule: Literal["linear", "cosine", "sigmoid"] = "sigmoid"
+    sampling_steps: int = 50  # DDIM steps for samples, grids and `generate`
+    ddim_eta: float = 0.0  # 0 = deterministic DDIM; 1 with sampling_steps = timesteps = the ancestral DDPM chain
+    ema_decay: float = 0.995
+    ema_update_every: int = 10
+    ema_update_after_step: int = 100
+    hflip: bool = True
+    split: tuple[float, float, float] = (0.9, 0.05, 0.05)  # train / val / test fractions of the images (seeded)
+    strict_data: bool = False  # unreadable image files are an error instead of being reported and skipped
+    grid_every_n_steps: int = 500  # sample grid (PNG in the run folder + W&B) every N optimizer steps; 0 = off
+    grid_samples: int = 16
+    max_steps: int = 0  # stop after this many optimizer steps (0 = `epochs` decides; --max-steps wins)
+    optimizer: Literal["adamw", "adam", "lion", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_epochs: float = 1.0
+    epochs: int = 200
+    batch_size: int = 32
+    monitor: str = "val/loss"
+    monitor_mode: Literal["min", "max"] = "min"
+
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "micro": dict(image_size=32, unet_dim=16, dim_mults=(1, 2), timesteps=100, sampling_timesteps=20),
-        "published": dict(image_size=128, unet_dim=64, dim_mults=(1, 2, 4, 8), timesteps=1000,
-                          sampling_timesteps=1000, lr=2e-5, batch_size=16, accumulate=2, optimizer="adam",
-                          betas=(0.9, 0.99)),
+        # Every preset carries the whole network. micro: CPU tests and demo, 32 px, ~0.5M parameters.
+        "micro": dict(image_size=32, unet_dim=16, dim_mults=(1, 2, 4), mixer="vss", vss_levels=1, vss_d_state=8,
+                      timesteps=200, sampling_steps=20, ema_decay=0.99, ema_update_every=1, ema_update_after_step=10,
+                      epochs=20, batch_size=16, lr=1e-3, warmup_epochs=1.0, grid_every_n_steps=100, grid_samples=16),
+        "tiny": dict(image_size=64, unet_dim=32, dim_mults=(1, 2, 4, 8), mixer="vss", vss_levels=2, vss_d_state=16,
+                     timesteps=1000, sampling_steps=50),
+        "small": dict(image_size=128, unet_dim=64, dim_mults=(1, 2, 4, 8), mixer="vss", vss_levels=2, vss_d_state=16,
+                      timesteps=1000, sampling_steps=50),
+        # zebracon7/diffusion_wgan-gp_img_gen: the library's Unet and trainer defaults; 50k steps, full DDPM sampling.
+        "published": dict(image_size=128, unet_dim=64, dim_mults=(1, 2, 4, 8), mixer="attention", dropout=0.0,
+                          timesteps=1000, sampling_steps=1000, objective="pred_noise", beta_schedule="sigmoid",
+                          ddim_eta=1.0, optimizer="adam", lr=2e-5, betas=(0.9, 0.99), weight_decay=0.0,
+                          no_decay_on_norm_bias=False, scheduler="constant", warmup_epochs=0.0, batch_size=16,
+                          accumulate=2, ema_decay=0.995, ema_update_every=10, ema_update_after_step=100, hflip=True,
+                          max_steps=50_000, epochs=100_000, grid_every_n_steps=500, grid_samples=25),
     }
     DEFAULT_PRESET: ClassVar[str | None] = "micro"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "image_size": at_least(8), "unet_dim": at_least(1), "dim_mults": Each(at_least(1)), "vss_levels": at_least(0),
+        "vss_d_state": at_least(1), "vss_expand": at_least(1), "dropout": between(0, 1, hi_open=True),
+        "timesteps": at_least(1), "sampling_steps": at_least(1), "ddim_eta": between(0, 1),
+        "ema_decay": between(0, 1, hi_open=True), "ema_update_every": at_least(1), "ema_update_after_step": at_least(0),
+        "split": Each(between(0, 1)), "grid_every_n_steps": at_least(0), "grid_samples": at_least(1),
+        "max_steps": at_least(0),
+    }
+
+    def check(self) -> None:
+        super().check()
+        split_check(self)
+        if self.vss_levels > len(self.dim_mults):
+            raise config_error(self, "vss_levels", f"must be at most len(dim_mults) = {len(self.dim_mults)}")
+        if self.image_size % 2 ** (len(self.dim_mults) - 1):
+            raise config_error(self, "image_size", f"must be divisible by 2 ** (len(dim_mults) - 1) = "
+                                                   f"{2 ** (len(self.dim_mults) - 1)} (the U-Net's down-sampling)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -388,17 +672,12 @@ register(ModelEntry(
     module="models.hand.module:HandBiometrics",
     datamodule="datamodules.hands11k:Hands11kDataModule",
     config=HandConfig,
-    summary="Hand biometrics: U-Net + VMamba 2D scan on 11k Hands (identity, gender, age) [planned]",
-    status="planned",
-    planned_note="the hand-biometrics task lands in a later issue (the shared SS2D/VSS blocks it needs are in "
-                 "models/blocks/ss2d.py already).",
+    summary="Hand biometrics: VMamba v0 U-Net on 11k Hands (identity, gender, age group; open-set enrolment)",
 ))
 register(ModelEntry(
     name="palm",
     module="models.palm.module:PalmDiffusion",
     datamodule="datamodules.palms:PalmDataModule",
     config=PalmConfig,
-    summary="Palm-image generator: denoising diffusion, N variations of one synthetic person [planned]",
-    status="planned",
-    planned_note="the palm-synthesis task lands in a later issue.",
+    summary="Palm-image generator: diffusion U-Net with VSS blocks, EMA, DDIM; identity-keeping variations",
 ))

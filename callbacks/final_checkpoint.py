@@ -1,10 +1,33 @@
 """last.ckpt that is never lost: written when fit ends at an unsaved step, and when a run crashes or is interrupted."""
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def resume_command(ckpt_path: str | Path, model: str | None = None) -> str:
+    """The command line that continues this run from `ckpt_path`: this process's own `train.py` command with
+    `--resume` replaced (or `train.py --model <model> --resume <path>` when not run from train.py's command line)."""
+    if not (sys.argv and sys.argv[0].endswith("train.py")):
+        return " ".join(["python train.py", *(["--model", model] if model else []), "--resume",
+                         shlex.quote(str(ckpt_path))])
+    argv, out, skip = list(sys.argv[1:]), [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume", "--run-name"):
+            skip = True
+            continue
+        if a.startswith(("--resume=", "--run-name=")):
+            continue
+        out.append(a)
+    return " ".join(["python", shlex.quote(sys.argv[0]), *map(shlex.quote, out), "--resume",
+                     shlex.quote(str(ckpt_path))])
 
 
 class FinalCheckpoint(L.Callback):
@@ -31,8 +54,9 @@ class CrashCheckpoint(L.Callback):
     the last completed step, so the resumed run replays that batch and reaches the same global step as planned.
     """
 
-    def __init__(self, dirpath: str | Path, filename: str = "last"):
+    def __init__(self, dirpath: str | Path, filename: str = "last", model: str | None = None):
         self.ckpt_path = Path(dirpath) / f"{filename}.ckpt"
+        self.model = model
         self._loader_states = None
         self._crashing = False
 
@@ -40,14 +64,27 @@ class CrashCheckpoint(L.Callback):
         loader = trainer.fit_loop._combined_loader
         self._loader_states = loader._state_dicts() if loader is not None else None
 
-    def on_exception(self, trainer: L.Trainer, *args, **kwargs) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from callbacks.divergence import DivergenceError
+
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if isinstance(exception, DivergenceError):  # the weights are not worth keeping; the last good file stays
+            return
+        if trainer.global_step == 0:  # nothing trained yet: nothing worth resuming (and no folder left behind)
             return
         self._crashing = True
         try:
             trainer.save_checkpoint(self.ckpt_path)
+        except DivergenceError as e:  # non-finite weights found while saving: keep the previous file
+            print(f"[train] no checkpoint written on {type(exception).__name__}: {e}", file=sys.stderr)
+            return
         finally:
             self._crashing = False
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            print(f"\n[train] interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); checkpoint "
+                  f"saved to {self.ckpt_path}. Resume with:\n  {resume_command(self.ckpt_path, self.model)}", file=sys.stderr,
+                  flush=True)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict")

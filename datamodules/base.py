@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.samplers import EpochShuffleSampler
+from datamodules.samplers import EpochShuffleSampler, SeededItems, SeededSampler
 from zoo.errors import ZooError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +83,21 @@ class ZooDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         _ = self.root  # generate the demo set once, on rank 0
 
+    # ----- what the reader found -----
+    def describe(self) -> dict[str, Any]:
+        """What the reader found, after `setup("fit")`: `{"train": n, "val": n, "test": n}` images (0 for a split the
+        task does not have), plus the task's own breakdowns where a subclass adds them (`train.py --describe-data`)."""
+        out: dict[str, Any] = {}
+        for split in ("train", "val", "test"):
+            try:
+                loaders = getattr(self, f"{split}_dataloader")()
+            except Exception:  # noqa: BLE001 - Lightning's default hook raises for a split the task does not have
+                out[split] = 0
+                continue
+            first = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            out[split] = len(first.dataset)
+        return out
+
     # ----- what the model needs to know about the data -----
     def config_overrides(self) -> dict[str, Any]:
         """Config fields the data decides (e.g. num_classes, class_names); called after `setup('fit')`."""
@@ -94,7 +109,9 @@ class ZooDataModule(L.LightningDataModule):
 
         Training loaders shuffle with `EpochShuffleSampler` (order = f(seed, epoch)) unless a `sampler` or
         `batch_sampler` is given; samplers of your own should also derive their order from (seed, epoch) via
-        `set_epoch`, or a resumed run will not see the same batches.
+        `set_epoch`, or a resumed run will not see the same batches. The training sampler is wrapped in
+        `SeededSampler` and the dataset in `SeededItems`, so random augmentations in `__getitem__` (Python's
+        `random`, NumPy's and torch's global RNGs) are reproducible per item across resumes and worker counts.
         """
         workers = int(self.cfg.num_workers)
         args: dict[str, Any] = dict(
@@ -111,4 +128,14 @@ class ZooDataModule(L.LightningDataModule):
         elif train and "sampler" not in kwargs:
             args["sampler"] = EpochShuffleSampler(dataset, int(self.cfg.seed))
         args.update(kwargs)
+        if train and args.get("drop_last") and args.get("batch_size") and len(dataset) < args["batch_size"]:
+            raise ZooError(f"The training set has {len(dataset)} item(s), fewer than one batch of {args['batch_size']}"
+                           f": no training step could run. Use --batch-size {max(1, len(dataset))} or less, or more "
+                           f"data.")
+        if train:
+            # Each item's augmentation is drawn from a seed = f(seed, epoch, position), not from the worker's RNG:
+            # resumed runs (fresh workers) and any worker count see the same augmentations.
+            key = "batch_sampler" if args.get("batch_sampler") is not None else "sampler"
+            args[key] = SeededSampler(args[key], int(self.cfg.seed))
+            dataset = SeededItems(dataset)
         return StatefulDataLoader(dataset, **args)

@@ -5,8 +5,23 @@ reading code as the real dataset. Everything is seeded: the same call writes the
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
+
+DEMO_MARKER = ".zoo-demo"  # written at the root of every demo set: `train.py --data-dir` on it keeps the micro preset
+
+
+def mark_demo(root: str | Path) -> None:
+    """Mark `root` as demo data (see `is_demo_dir`)."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / DEMO_MARKER).write_text("built-in demo data of the zoo\n")
+
+
+def is_demo_dir(root: str | Path | None) -> bool:
+    """True for a folder a DataModule's `make_demo` wrote (the preset then follows the demo, not real data)."""
+    return root is not None and (Path(root).expanduser() / DEMO_MARKER).is_file()
 
 
 def smooth_pattern(rng: np.random.Generator, size: int, grid: int = 4) -> np.ndarray:

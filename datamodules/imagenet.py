@@ -23,10 +23,11 @@ from timm.data import create_transform
 from torch.utils.data import Dataset
 
 from datamodules.base import ZooDataModule
-from datamodules.demo import jitter, prototypes
+from datamodules.demo import jitter, mark_demo, prototypes
 from datamodules.recorded_crop import RecordedCropFlip
+from zoo.checkpoint import safe_load
 from zoo.errors import ZooError
-from zoo.images import is_image, load_rgb, save_rgb
+from zoo.images import drop_bad_images, is_image, load_rgb, save_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,9 +80,18 @@ def scan_split(root: Path, split: str, classes: list[str] | None = None) -> Imag
     index = {c: i for i, c in enumerate(classes)}
     samples = [(p, index[c]) for c in found for p in _images_in(folder / c)]
     if not samples:
-        raise ZooError(f"No images under {folder}/<class>/ (looked for {', '.join(('.jpg', '.jpeg', '.png'))}, ...). "
-                       f"Expected {layout}.")
+        raise ZooError(f"No images under {folder}/<class>/ (looked for .jpg, .jpeg, .png, .pgm, ... in any letter "
+                       f"case). Expected {layout}.")
     return ImageFolderIndex(classes, samples)
+
+
+def drop_unreadable(index: ImageFolderIndex, strict: bool, where: str) -> ImageFolderIndex:
+    """`index` without the files `zoo.images.probe_image` refuses (reported, or an error when `strict`)."""
+    good = set(drop_bad_images([p for p, _ in index.samples], strict, where))
+    samples = [(p, c) for p, c in index.samples if p in good]
+    if not samples:
+        raise ZooError(f"{where}: none of the {len(index.samples)} image files can be read.")
+    return ImageFolderIndex(index.classes, samples)
 
 
 def class_names(root: Path, wnids: list[str]) -> list[str]:
@@ -138,7 +148,9 @@ class TokenLabelDataset(ImageFolderDataset):
                            f"(<token_label_dir>/<class folder>/<image stem>.pt). Generate labels for every training "
                            f"image, or train without --set token_label_dir.")
         try:
-            label_map = torch.load(path, map_location="cpu", weights_only=True)
+            label_map = safe_load(path, "token label file")
+        except ZooError:
+            raise
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
             raise ZooError(f"Token label file {path} (for image {image}) cannot be read: {type(e).__name__}: "
                            f"{str(e)[:120]}. Regenerate it.") from None
@@ -192,6 +204,7 @@ class ImageNetDataModule(ZooDataModule):
         wnids = [f"n9{k:07d}" for k in range(self.DEMO_CLASSES)]
         lines = [f"{w} pattern {k}, demo class {k}" for k, w in enumerate(wnids)]
         (root / SYNSET_FILE).write_text("\n".join(lines) + "\n")
+        mark_demo(root)
         for split, n in (("train", self.DEMO_TRAIN_PER_CLASS), ("val", self.DEMO_VAL_PER_CLASS)):
             for k, wnid in enumerate(wnids):
                 for j in range(n):
@@ -204,6 +217,9 @@ class ImageNetDataModule(ZooDataModule):
         root = self.root
         self.train_index = scan_split(root, "train")
         self.val_index = scan_split(root, "val", self.train_index.classes)
+        strict = bool(getattr(self.cfg, "strict_data", False))
+        self.train_index = drop_unreadable(self.train_index, strict, f"{root}/train")
+        self.val_index = drop_unreadable(self.val_index, strict, f"{root}/val")
         self.names = class_names(root, self.train_index.classes)
         label_dir = getattr(self.cfg, "token_label_dir", None)
         if label_dir and not Path(label_dir).expanduser().is_dir():
@@ -213,12 +229,19 @@ class ImageNetDataModule(ZooDataModule):
     def config_overrides(self) -> dict[str, Any]:
         return {"num_classes": len(self.train_index.classes), "class_names": tuple(self.names)}
 
+    def summary(self) -> str:
+        """One line about the data found, for the first line of a run."""
+        kind = "demo data" if self.is_demo else "ImageFolder"
+        return (f"{kind} at {self.root}: {len(self.train_index.classes)} classes, {len(self.train_index.samples)} train "
+                f"/ {len(self.val_index.samples)} val images")
+
     # ----- transforms -----
     def train_transform(self, separate: bool = False):
         cfg = self.cfg
         return create_transform(
             cfg.image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=0.5, color_jitter=0.0,
-            auto_augment=cfg.randaugment or None, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            auto_augment=cfg.randaugment or None, interpolation=cfg.train_interpolation, mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
             re_prob=cfg.random_erasing, re_mode="pixel", separate=separate,
         )
 
@@ -230,7 +253,8 @@ class ImageNetDataModule(ZooDataModule):
         if not label_dir:
             return ImageFolderDataset(self.train_index, self.train_transform())
         _, augment, final = self.train_transform(separate=True)
-        crop = RecordedCropFlip(self.cfg.image_size, scale=(self.cfg.crop_scale_min, 1.0))
+        crop = RecordedCropFlip(self.cfg.image_size, scale=(self.cfg.crop_scale_min, 1.0),
+                                interpolation=self.cfg.train_interpolation)
         from torchvision.transforms import Compose
 
         return TokenLabelDataset(self.train_index, self.root, Path(label_dir).expanduser(), crop,
@@ -241,6 +265,10 @@ class ImageNetDataModule(ZooDataModule):
 
     def val_dataloader(self):
         return self.loader(ImageFolderDataset(self.val_index, self.eval_transform()), train=False)
+
+    def test_dataloader(self):
+        """ImageNet's labelled val/ is its test set (the test/ images have no public labels)."""
+        return self.val_dataloader()
 
 
 def eval_transform(image_size: int, crop_pct: float):

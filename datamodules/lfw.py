@@ -1,9 +1,10 @@
 """LFW-style face identities for metric learning: the people layout or a pre-split layout, P x K batches, pairs.txt.
 
-Layouts (detected automatically; png/jpg/jpeg in any case):
+Layouts (detected automatically; any image format PIL reads, e.g. jpg, png, pgm (ORL), in any letter case):
 - people: `<root>/<Person_Name>/<Person_Name>_0001.jpg` (any LFW release: original, funneled, deep-funneled), also
   with one wrapper folder (`<root>/lfw/<Person_Name>/...`). Identities are split by `cfg.split` with `cfg.seed`, never
-  sharing a person between splits. `pairs.txt` beside the images (or `cfg.pairs_file`) adds LFW verification.
+  sharing a person between splits. `pairs.txt` beside the images (or `cfg.pairs_file`; `none` = off) adds LFW
+  verification (pairs naming images that are not there are skipped and counted).
 - pre-split: `<root>/{train,val,test}/<person>/<image>` (as upstream FaceRegSMM prepares it); the splits are used as
   given (val or test may be missing: then the other is used for validation).
 """
@@ -17,11 +18,11 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from datamodules.base import ZooDataModule
-from datamodules.demo import jitter, prototypes, smooth_pattern
-from datamodules.lfw_pairs import Pair, read_pairs
+from datamodules.demo import jitter, mark_demo, prototypes, smooth_pattern
+from datamodules.lfw_pairs import Pair, PairSet, load_pairs
 from datamodules.pk_sampler import PKBatchSampler
 from zoo.errors import ZooError
-from zoo.images import is_image, load_rgb, save_rgb
+from zoo.images import drop_bad_images, is_image, load_rgb, save_rgb
 
 SPLITS = ("train", "val", "test")
 MEAN = STD = (0.5, 0.5, 0.5)  # images are scaled to [-1, 1]
@@ -155,6 +156,7 @@ class LFWDataModule(ZooDataModule):
         self.people: dict[str, dict[str, list[Path]]] = {}
         self.pairs: list[Pair] = []
         self.pair_images: list[Path] = []
+        self.pair_set: PairSet | None = None
         self.layout: FaceLayout | None = None
 
     # ----- demo data -----
@@ -174,6 +176,7 @@ class LFWDataModule(ZooDataModule):
                 image = 0.45 * common + 0.3 * proto + 0.25 * nuisance
                 save_rgb(root / name / f"{name}_{i:04d}.jpg", jitter(image, rng, shift=0.1, noise=0.05, brightness=0.25))
         write_pairs_file(root / "pairs.txt", {n: per_person for n in names}, folds=4, per_fold=20, seed=seed)
+        mark_demo(root)
 
     # ----- setup -----
     def setup(self, stage: str | None = None) -> None:
@@ -191,6 +194,8 @@ class LFWDataModule(ZooDataModule):
             everyone = {n: ims for n, ims in scan_people(layout.root).items() if len(ims) >= k}
             split = split_identities(sorted(everyone), tuple(cfg.split), int(cfg.seed))
             self.people = {s: {n: everyone[n] for n in split[s]} for s in SPLITS}
+        self.unreadable = drop_unreadable(self.people, bool(getattr(cfg, "strict_data", False)), str(layout.root))
+        self.people = {s: {n: ims for n, ims in p.items() if len(ims) >= k} for s, p in self.people.items()}
         n_train = len(self.people["train"])
         if n_train < 2:
             raise ZooError(f"{layout.root}: only {n_train} training identities with at least {k} images "
@@ -199,19 +204,21 @@ class LFWDataModule(ZooDataModule):
         if not self.people["val"]:
             raise ZooError(f"{layout.root}: no validation identities with at least {k} images. Give the split a "
                            f"validation share (--set split=0.7,0.15,0.15) or add a val/ folder.")
-        pairs_file = Path(cfg.pairs_file) if getattr(cfg, "pairs_file", None) else layout.pairs_file
+        pairs_file = pairs_file_of(getattr(cfg, "pairs_file", "auto"), layout)
         if pairs_file is not None:
-            self.pairs = read_pairs(pairs_file, layout.root)
-            self.pair_images = sorted({p for pair in self.pairs for p in (pair.a, pair.b)})
+            self.pair_set = load_pairs(pairs_file, layout.root, exclude=self.unreadable)
+            self.pairs = self.pair_set.pairs
+            self.pair_images = self.pair_set.images
 
     def config_overrides(self) -> dict[str, Any]:
         return {"num_classes": len(self.people["train"])}
 
     def summary(self) -> str:
         parts = [f"{s} {len(p)} people / {sum(map(len, p.values()))} images" for s, p in self.people.items()]
-        if self.pairs:
-            parts.append(f"pairs.txt {len(self.pairs)} pairs")
-        return f"[lfw] {self.layout.kind} layout at {self.layout.root}: " + ", ".join(parts)
+        if self.pair_set is not None:
+            parts.append(self.pair_set.note)
+        kind = "demo data" if self.is_demo else f"{self.layout.kind} layout"
+        return f"{kind} at {self.layout.root}: " + ", ".join(parts)
 
     # ----- datasets and loaders -----
     def dataset(self, split: str, train: bool = False) -> FaceImages:
@@ -239,6 +246,27 @@ class LFWDataModule(ZooDataModule):
         if not self.people["test"]:
             raise ZooError("There is no test split (split test fraction 0 and no test/ folder); use --validate.")
         return self._eval_loaders("test")
+
+
+def pairs_file_of(setting: str | None, layout: FaceLayout) -> Path | None:
+    """The pairs file a `pairs_file` setting names: auto = the pairs.txt found beside the images, none (or None) =
+    no verification protocol, anything else = that path."""
+    if setting is None or str(setting).lower() in ("none", "off", "false", ""):
+        return None
+    if str(setting).lower() == "auto":
+        return layout.pairs_file
+    return Path(setting).expanduser()
+
+
+def drop_unreadable(people: dict[str, dict[str, list[Path]]], strict: bool, where: str) -> set[Path]:
+    """Remove the files `zoo.images.probe_image` refuses from every split of `people` (in place; reported, or an
+    error when `strict`); returns the removed paths (pairs naming them are skipped)."""
+    every = [p for split in people.values() for ims in split.values() for p in ims]
+    good = set(drop_bad_images(every, strict, where))
+    for split in people.values():
+        for name in list(split):
+            split[name] = [p for p in split[name] if p in good]
+    return set(every) - good
 
 
 def write_pairs_file(path: Path, counts: dict[str, int], folds: int, per_fold: int, seed: int = 0) -> None:

@@ -14,16 +14,19 @@ class RecordedCropFlip:
     box = (x1, y1, x2, y2): the crop's edges as fractions of the input image's width and height (x right, y down).
     `flipped` is True when the crop was mirrored left-right after resizing. Crop parameters come from
     torchvision's `RandomResizedCrop.get_params` (the same distribution as timm's training crop).
+    `interpolation`: "bicubic", "bilinear" or "random" (either, drawn per image, as timm's "random").
     """
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-                 interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, interpolation: str = "bicubic"):
+        if interpolation not in ("bicubic", "bilinear", "random"):
+            raise ValueError(f"interpolation must be bicubic, bilinear or random, got {interpolation!r}")
         self.size, self.scale, self.ratio, self.hflip, self.interpolation = size, scale, ratio, hflip, interpolation
 
     def __call__(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float], bool]:
         top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-        out = TF.resized_crop(img, top, left, h, w, [self.size, self.size], self.interpolation)
+        mode = random.choice(("bilinear", "bicubic")) if self.interpolation == "random" else self.interpolation
+        out = TF.resized_crop(img, top, left, h, w, [self.size, self.size], InterpolationMode(mode))
         flipped = random.random() < self.hflip
         if flipped:
             out = TF.hflip(out)

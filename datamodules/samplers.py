@@ -1,9 +1,12 @@
-"""Samplers whose order is a pure function of (seed, epoch), so a resumed run sees exactly the same batches."""
+"""Samplers whose order, and each item's augmentation seed, are pure functions of (seed, epoch), so a resumed run
+sees exactly the same batches, augmented the same way, whatever the number of loader workers."""
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sized
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -57,3 +60,127 @@ class _EpochShuffleIterator(Iterator[int]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.yielded, self._perm = int(state["epoch"]), int(state["yielded"]), None
         self.sampler.epoch = self.epoch
+
+
+# ----- per-item augmentation seeds -----
+_MASK64 = (1 << 64) - 1
+
+
+def item_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed for the `position`-th item drawn in `epoch` (splitmix64 of the three numbers)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(position) + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+class SeededSampler:
+    """Wraps a sampler (yielding indices) or a batch sampler (yielding lists of indices) so that each index comes with
+    the seed its item's augmentation draws from: `(index, item_seed(seed, epoch, position))`.
+
+    Data-loader workers draw augmentations from their own RNGs, seeded once when the worker starts and never saved, so
+    a resumed run (fresh workers) or a different worker count would draw different crops and flips. With the seed
+    travelling beside the index (and `SeededItems` seeding the RNGs before each item), an item's augmentation is a
+    pure function of (seed, epoch, position in the epoch): the same in every process, with any number of workers.
+    `set_epoch`, `__len__` and the resumable state are those of the wrapped sampler plus the position.
+    """
+
+    def __init__(self, inner, seed: int = 0):
+        self.inner, self.seed, self.epoch = inner, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if callable(getattr(self.inner, "set_epoch", None)):
+            self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator:
+        return _SeededIterator(self)
+
+    # Samplers whose state lives on the sampler (PKBatchSampler) rather than on their iterator.
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict() if callable(getattr(self.inner, "state_dict", None)) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and callable(getattr(self.inner, "load_state_dict", None)):
+            self.inner.load_state_dict(state)
+
+
+class _SeededIterator(Iterator):
+    def __init__(self, sampler: SeededSampler):
+        self.sampler = sampler
+        self.epoch: int | None = None  # read at the first item: Lightning may call set_epoch after iter()
+        self.position = 0
+        self._inner: Iterator | None = None
+        self._inner_state: dict[str, Any] | None = None
+
+    def _inner_iter(self) -> Iterator:
+        if self._inner is None:
+            self._inner = iter(self.sampler.inner)
+            if self._inner_state is not None and callable(getattr(self._inner, "load_state_dict", None)):
+                self._inner.load_state_dict(self._inner_state)
+        return self._inner
+
+    def __next__(self):
+        it = self._inner_iter()
+        if self.epoch is None:
+            self.epoch = self.sampler.epoch
+        item = next(it)
+        seed, epoch = self.sampler.seed, self.epoch
+        if isinstance(item, (list, tuple)):
+            out = [(int(i), item_seed(seed, epoch, self.position + j)) for j, i in enumerate(item)]
+            self.position += len(out)
+            return out
+        self.position += 1
+        return int(item), item_seed(seed, epoch, self.position - 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        inner = self._inner.state_dict() if callable(getattr(self._inner, "state_dict", None)) else None
+        return {"epoch": self.sampler.epoch if self.epoch is None else self.epoch, "position": self.position,
+                "inner": inner}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.sampler.set_epoch(self.epoch)
+        self._inner, self._inner_state = None, state.get("inner")
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """`dataset[i]` for an `(i, seed)` item from `SeededSampler`, with Python's, NumPy's and torch's global RNGs seeded
+    from `seed` while the item is built (restored afterwards in the main process; worker processes need no restore).
+    A plain index is passed through unchanged. Attributes of the wrapped dataset are reachable through this one."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, item):
+        if not isinstance(item, tuple):
+            return self.dataset[item]
+        index, seed = item
+        if torch.utils.data.get_worker_info() is not None:
+            _seed_all(seed)
+            return self.dataset[index]
+        py, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            _seed_all(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py)
+                np.random.set_state(np_state)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)

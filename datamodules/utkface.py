@@ -22,8 +22,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import Dataset
 
 from datamodules.base import ZooDataModule
+from datamodules.demo import mark_demo
 from zoo.errors import ZooError
-from zoo.images import is_image, load_rgb
+from zoo.images import drop_bad_images, is_image, load_rgb
 
 log = logging.getLogger(__name__)
 NAME_FORMAT = "[age]_[gender]_[race]_[date&time].jpg(.chip.jpg)"
@@ -207,6 +208,7 @@ class UTKFaceDataModule(ZooDataModule):
         from datamodules.utkface_demo import write_demo_utkface
 
         write_demo_utkface(root, n=self.DEMO_SIZE)
+        mark_demo(root)
 
     def setup(self, stage: str | None = None) -> None:
         if getattr(self, "scan", None) is not None:
@@ -214,6 +216,10 @@ class UTKFaceDataModule(ZooDataModule):
         scan = scan_utkface(self.root, self.cfg.max_age)
         if scan.report():
             _warn_once(scan.report())
+        good = set(drop_bad_images(scan.paths, bool(getattr(self.cfg, "strict_data", False)), f"UTKFace {self.root}"))
+        if len(good) < len(scan.paths):
+            kept = [(p, lab) for p, lab in zip(scan.paths, scan.labels) if p in good]
+            scan = UTKFaceScan([p for p, _ in kept], [lab for _, lab in kept], scan.skipped, scan.duplicates)
         if len(scan.paths) < 3:
             raise ZooError(f"Found {len(scan.paths)} usable image(s) under {self.root}. Expected: {self.LAYOUT_HELP}")
         ages = np.array([lab.age for lab in scan.labels])
@@ -226,6 +232,22 @@ class UTKFaceDataModule(ZooDataModule):
         self.datasets = {name: UTKFaceDataset([scan.paths[i] for i in idx], [scan.labels[i] for i in idx],
                                               transforms[name]) for name, idx in self.splits.items()}
         self.scan = scan
+        _print_once(self.baseline_line())
+
+    def summary(self) -> str:
+        """One line about the data found, for the first line of a run."""
+        kind = "demo data" if self.is_demo else "UTKFace"
+        sizes = " / ".join(f"{len(idx)} {name}" for name, idx in self.splits.items())
+        return f"{kind} at {self.root}: {len(self.scan.paths)} labelled images ({sizes})"
+
+    def baseline_line(self) -> str:
+        """The trivial predictor's scores on val and test, printed beside the model's metrics."""
+        parts = []
+        for split in ("val", "test"):
+            if len(self.splits[split]):
+                b = self.baseline(split)
+                parts.append(f"{split} age MAE {b['age_mae']:.2f} years, gender acc {b['gender_acc']:.3f}")
+        return "[utkface] trivial predictor (train median age, majority gender): " + "; ".join(parts)
 
     def baseline(self, split: str = "val") -> dict[str, float]:
         """Scores of a model that ignores the image (train median age, majority gender) on `split`."""
@@ -246,6 +268,11 @@ class UTKFaceDataModule(ZooDataModule):
         if not len(self.datasets["test"]):
             raise ZooError(f"split={tuple(self.cfg.split)} has no test fraction: set e.g. --set split=0.8,0.1,0.1.")
         return self.loader(self.datasets["test"], train=False)
+
+
+@rank_zero_only
+def _print_once(message: str) -> None:
+    print(message)
 
 
 @rank_zero_only

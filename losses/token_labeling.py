@@ -32,7 +32,7 @@ def dense_label_map(label_maps: Tensor, num_classes: int) -> Tensor:
 
 
 def token_label_targets(label_maps: Tensor, boxes: Tensor, flips: Tensor, num_classes: int, grid: tuple[int, int],
-                        smoothing: float = 0.1) -> tuple[Tensor, Tensor]:
+                        smoothing: float = 0.1, style: str = "normalized") -> tuple[Tensor, Tensor]:
     """Soft targets for one batch.
 
     Args:
@@ -42,8 +42,9 @@ def token_label_targets(label_maps: Tensor, boxes: Tensor, flips: Tensor, num_cl
         num_classes: K.
         grid: the model's token grid (gh, gw).
         smoothing: label smoothing s.
+        style: "normalized" (rows sum to 1) or "lvvit" (as published, rows sum to 1 + s / K); see `smooth`.
     Returns:
-        class-token targets (B, K) and token targets (B, gh * gw, K), rows summing to 1.
+        class-token targets (B, K) and token targets (B, gh * gw, K).
     """
     dense = dense_label_map(label_maps, num_classes)
     rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=dense.dtype)[:, None],
@@ -54,12 +55,21 @@ def token_label_targets(label_maps: Tensor, boxes: Tensor, flips: Tensor, num_cl
     tokens = torch.where(flips[:, None, None, None], tokens.flip(-1), tokens)
     tokens = rearrange(tokens, "b k h w -> b (h w) k")
     cls = rearrange(cls, "b k 1 1 -> b k")
-    return smooth(cls.softmax(-1), smoothing), smooth(tokens.softmax(-1), smoothing)
+    return smooth(cls.softmax(-1), smoothing, style), smooth(tokens.softmax(-1), smoothing, style)
 
 
-def smooth(target: Tensor, smoothing: float) -> Tensor:
-    """Label smoothing of a distribution over the last axis: y * (1 - s) + s / K."""
-    return target * (1.0 - smoothing) + smoothing / target.shape[-1]
+def smooth(target: Tensor, smoothing: float, style: str = "normalized") -> Tensor:
+    """Label smoothing of a distribution over the last axis.
+
+    "normalized": y * (1 - s) + s / K (rows still sum to 1). "lvvit": y * (1 - s + s / K) + s / K, the on/off values
+    LV-ViT (and DeMansia 2) apply to soft token labels (0.9001 and 1e-4 at s = 0.1, K = 1000; rows sum to 1 + s / K).
+    """
+    k = target.shape[-1]
+    if style == "lvvit":
+        return target * (1.0 - smoothing + smoothing / k) + smoothing / k
+    if style != "normalized":
+        raise ValueError(f"smoothing style must be 'normalized' or 'lvvit', got {style!r}")
+    return target * (1.0 - smoothing) + smoothing / k
 
 
 def one_hot_smoothed(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:

@@ -1,12 +1,14 @@
-"""timm backbones for the zoo's heads: any timm name, the zoo's own registered models included, offline only.
+"""timm backbones for the zoo's heads: any timm name, the zoo's own registered models included.
 
     net = create_backbone("efficientnet_b0")          # random init; net(x) -> (B, net.num_features) pooled features
     net = create_backbone("demansia2_micro")           # the zoo's Mamba backbone, registered with timm
-    net = create_backbone("resnet50", pretrained=True) # weights from the local HF / torch-hub cache, never the network
+    net = create_backbone("resnet50", pretrained=True) # published weights: local cache, else downloaded
+    init_from_checkpoint(net, "checkpoints/demansia2/run/best.ckpt")  # start from another zoo task's network
     data = backbone_data_config("efficientnet_b0", image_size=160)   # input_size, mean, std, interpolation
 
-Pretrained weights are looked up in the local caches only (`HF_HUB_CACHE` / `HF_HOME`, `TORCH_HOME`) and loaded from
-that file; a missing file is a `ZooError` that says how to fetch it on a connected machine.
+Pretrained weights come from the local caches first (`HF_HUB_CACHE` / `HF_HOME`, `TORCH_HOME`); when they are not
+there timm downloads them (Hugging Face hub or the model's URL) unless `HF_HUB_OFFLINE=1`. Offline with no cached
+file, or a failed download, is a `ZooError` that says what is missing and how to get it.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from zoo.errors import ZooError, did_you_mean
-
 
 
 def zoo_model_names() -> list[str]:
@@ -47,17 +48,92 @@ def create_backbone(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
 
     Args:
         name: timm model name, optionally with a pretrained tag (`efficientnet_b0.ra_in1k`).
-        pretrained: load the weights timm would download, but only from the local cache (see `local_weights`).
+        pretrained: load the published weights: the cached file when there is one (`local_weights`), else timm
+            downloads them (not when `HF_HUB_OFFLINE=1`).
         **kwargs: passed to `timm.create_model` (e.g. `drop_rate`, `img_size` for ViTs).
     """
     check_backbone_name(name)
     kwargs.setdefault("num_classes", 0)
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
-    path = local_weights(name)
+    try:
+        path = local_weights(name)
+    except ZooError as missing:
+        if hub_offline():
+            raise ZooError(f"{missing} HF_HUB_OFFLINE=1 forbids the download: unset it on a connected machine, or "
+                           f"fill the cache as above.") from None
+        return _download(name, missing, **kwargs)
     with _hf_offline():
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path), "source": ""},
                                  **kwargs)
+
+
+def hub_offline() -> bool:
+    """True when the environment forbids downloads now (HF_HUB_OFFLINE, as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _download(name: str, missing: ZooError, **kwargs: Any) -> nn.Module:
+    """timm's own download (HF hub or URL, into the usual caches); any failure becomes one ZooError."""
+    print(f"[backbones] downloading the pretrained weights of '{name}' (timm / Hugging Face hub) ...", flush=True)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - network, HTTP, file-system and hub errors all mean "no weights"
+        raise ZooError(f"Could not download the pretrained weights of backbone '{name}': {type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:160] if str(e) else ''}. {missing}") from None
+
+
+def init_from_checkpoint(net: nn.Module, path: str | os.PathLike,
+                         prefixes: tuple[str, ...] = ("model.", "net.encoder.", "backbone.")) -> str:
+    """Start `net` from the network inside a zoo checkpoint (e.g. a demansia2 run as the face / age-gender backbone).
+
+    The checkpoint is read as data (`torch.load(weights_only=True)`). Its state-dict keys are matched after removing
+    the one of `prefixes` that fits most tensors (model. = demansia2, net.encoder. = face, backbone. = agegender);
+    every tensor of `net` whose name and shape match is copied, the rest (classifier heads, extra layers) is left as
+    initialised. Returns a one-line report naming what was copied and what was not; a checkpoint that fits fewer than
+    half of `net`'s tensors is a ZooError that names the checkpoint's and the backbone's layers (or the shape clashes).
+    """
+    from zoo.checkpoint import read_checkpoint
+
+    path = Path(path).expanduser()
+    ckpt = read_checkpoint(path)
+    source = ckpt["state_dict"]
+    target = net.state_dict()
+    task = (ckpt.get("hyper_parameters") or {}).get("task", "?")
+    best: dict[str, Any] = {}
+    best_prefix, clashes = "", []
+    for prefix in prefixes:
+        mapped = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+        matched = {k: v for k, v in mapped.items() if k in target and tuple(v.shape) == tuple(target[k].shape)}
+        clashes += [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items()
+                    if k in target and tuple(v.shape) != tuple(target[k].shape)]
+        if len(matched) > len(best):
+            best, best_prefix = matched, prefix
+    if 2 * len(best) < len(target):  # a few shape-agnostic tensors (norms, per-head scalars) are no initialisation
+        why = (f"{len(clashes)} names match but their shapes differ (e.g. {clashes[0]}): a different size"
+               if clashes else f"it holds {_layers(source, largest_first=True)}; this backbone has {_layers(target)}")
+        fit = f"only {len(best)} of {len(target)} tensors" if best else "no tensor"
+        raise ZooError(f"--set init_from={path}: {fit} of that '{task}' checkpoint fits this backbone ({why}). "
+                       f"Use a checkpoint whose network is this backbone with the same preset, e.g. a demansia2 run "
+                       f"as backbone=demansia2_<preset>, or a face run with the same face preset.")
+    net.load_state_dict(best, strict=False)
+    missing = [k for k in target if k not in best]
+    rest = f"; left as initialised: {_layers(missing)}" if missing else ""
+    return (f"initialised {len(best)} of {len(target)} backbone tensors from the '{task}' checkpoint {path} "
+            f"({best_prefix}*){rest}")
+
+
+def _layers(keys, limit: int = 6, largest_first: bool = False) -> str:
+    """A short summary of state-dict names: their layers (the first name part; two for blocks.<i>) with tensor
+    counts, in order or the layers with most tensors first."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        layer = ".".join(k.split(".")[:2]) if k.split(".")[0] in ("blocks", "layers", "stages") else k.split(".")[0]
+        counts[layer] = counts.get(layer, 0) + 1
+    order = sorted(counts.items(), key=lambda kv: -kv[1]) if largest_first else list(counts.items())
+    shown = [f"{layer} ({n})" for layer, n in order[:limit]]
+    more = f" and {len(counts) - limit} more" if len(counts) > limit else ""
+    return ", ".join(shown) + more if shown else "no tensors"
 
 
 def local_weights(name: str) -> Path:
@@ -83,10 +159,9 @@ def local_weights(name: str) -> Path:
             return path
         candidates.append(str(path))
     raise ZooError(
-        f"Pretrained weights for backbone '{name}' are not in the local cache (looked in {' and '.join(candidates)}) "
-        f"and the zoo never downloads at run time. On a machine with network run "
-        f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`, then copy its "
-        f"~/.cache/huggingface (or $HF_HOME) to this machine, or train with --set pretrained=false."
+        f"Pretrained weights for backbone '{name}' are not in the local cache (looked in {' and '.join(candidates)}). "
+        f"On a machine with network run `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`, "
+        f"then copy its ~/.cache/huggingface (or $HF_HOME) here, or train with --set pretrained=false."
     )
 
 

@@ -29,13 +29,13 @@ def _perturbed(m, seed=0, scale=0.05):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if not name.endswith("_b") or not getattr(m, "legacy_demansia2", False) or name == "D_b":
+            if not name.endswith("_b") or not getattr(m, "legacy", False) or name == "D_b":
                 p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return m
 
 
 def test_legacy_tiny_shapes_keys_and_ties():
-    m = BidirectionalMamba2(**TINY, legacy_demansia2=True)
+    m = BidirectionalMamba2(**TINY, scan_mode="legacy")
     sd = m.state_dict()
     assert list(sd) == PUBLISHED_KEYS
     shapes = {"in_proj.weight": (1032, 192), "conv1d.weight": (640, 1, 4), "conv1d_b.weight": (640, 1, 4),
@@ -55,7 +55,7 @@ def test_legacy_matches_published_forward_rebuilt_from_mamba_ssm_reference(ref_c
     """The published forward: mamba_split_conv1d_scan_ref twice, branch 2 on the channel-flipped in_proj output
     with conv1d_b, dt_bias_b, A_log_b, the *forward* D, norm_b, out_proj_b; (out + out_b.flip(-1)) / 2."""
     torch.manual_seed(1)
-    m = _perturbed(BidirectionalMamba2(**SMALL, legacy_demansia2=True))
+    m = _perturbed(BidirectionalMamba2(**SMALL, scan_mode="legacy"))
     u = torch.randn(2, 21, 32, requires_grad=True)
 
     def published(u):
@@ -104,7 +104,7 @@ def test_default_sees_the_future_and_legacy_does_not():
     u2 = u.clone()
     u2[:, -1] += 1.0
     for legacy, sees in ((False, True), (True, False)):
-        m = BidirectionalMamba2(**SMALL, legacy_demansia2=legacy)
+        m = BidirectionalMamba2(**SMALL, scan_mode="legacy" if legacy else "bidirectional")
         with torch.no_grad():
             delta = (m(u2)[:, 0] - m(u)[:, 0]).abs().max().item()
         assert (delta > 1e-4) == sees, (legacy, delta)

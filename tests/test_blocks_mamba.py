@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from models.blocks import kernels
 from models.blocks.mamba import Mamba
+from models.blocks.ops.dispatch import route_kernels
 
 D_MODEL, BATCH, LENGTH = 24, 2, 13
 
@@ -126,7 +126,7 @@ def test_kernel_path_equals_portable_path(ref_module, mamba_ref, use_fast_path):
     m = Mamba(D_MODEL, use_fast_path=use_fast_path, bias=True)
     x = torch.randn(BATCH, LENGTH, D_MODEL)
     portable = forward_backward(m, x)
-    with kernels.route_kernels(kernel_routes(mamba_ref)):
+    with route_kernels(kernel_routes(mamba_ref)):
         routed = forward_backward(m, x)
     assert_same(routed, portable)
 
@@ -138,7 +138,7 @@ def test_kernel_path_decoding(ref_module, mamba_ref):
     x = torch.randn(BATCH, 7, D_MODEL)
     with torch.no_grad():
         full = m(x)
-        with kernels.route_kernels(kernel_routes(mamba_ref)):
+        with route_kernels(kernel_routes(mamba_ref)):
             params = mamba_ref.InferenceParams(max_seqlen=7, max_batch_size=BATCH)
             pieces = [m(x[:, :4], inference_params=params)]
             for t in range(4, 7):

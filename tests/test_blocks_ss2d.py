@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.blocks import kernels
+from models.blocks.ops.dispatch import route_kernels
 from models.blocks.ss2d import SS2D, VSSBlock, vmamba_key_map
 
 C, BATCH, H, W = 16, 2, 5, 7
@@ -97,7 +97,7 @@ def test_kernel_path_equals_portable_path(mamba_ref):
         return mamba_ref.selective_scan_ref(u, delta, A, B, C_, *args, **kwargs)
 
     portable = outputs_and_grads(m, x, lambda m_, x_: m_(x_))
-    with kernels.route_kernels({"selective_scan_fn": spy}):
+    with route_kernels({"selective_scan_fn": spy}):
         routed = outputs_and_grads(m, x, lambda m_, x_: m_(x_))
     assert calls == [((BATCH, 4 * m.d_inner, H * W), (BATCH, 4, m.d_state, H * W))]
     assert_same(routed, portable)

@@ -3,7 +3,7 @@
 `cpu_references(mamba_ref, monkeypatch)` (the `ref_cpu` fixture) points mamba-ssm's modules at their pure-PyTorch references for one test (monkeypatch, undone
 afterwards): the Triton/CUDA calls inside `Mamba2`, `mamba_split_conv1d_scan_ref` and the gated RMSNorm module.
 `ssd_minimal_scan` is `ssd_minimal_discrete` behind `mamba_chunk_scan_combined`'s signature, and `ref_kernels`
-maps every kernel name of `models.blocks.kernels` to a reference, for `route_kernels`.
+maps every kernel name of `models.blocks.ops.dispatch` to a reference, for `route_kernels`.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from einops import rearrange
 
-from models.blocks import kernels
 from models.blocks.mamba import Mamba
+from models.blocks.ops.dispatch import route_kernels
 from models.blocks.vim import BidirectionalMamba
 
 D_MODEL, BATCH, LENGTH = 16, 2, 11
@@ -116,7 +116,7 @@ def test_kernel_path_equals_portable_path(refs, use_fast_path):
     portable = grads_of(m, x, lambda m_, x_: m_(x_))
     routes = {"mamba_inner_fn": refs.mamba_inner_ref, "selective_scan_fn": refs.selective_scan_ref,
               "causal_conv1d_fn": refs.causal_conv1d_ref}
-    with kernels.route_kernels(routes):
+    with route_kernels(routes):
         routed = grads_of(m, x, lambda m_, x_: m_(x_))
     assert_same(routed, portable)
 

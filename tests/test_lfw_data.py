@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from datamodules.lfw import LFWDataModule, detect_layout, split_identities, write_pairs_file
-from datamodules.lfw_pairs import best_threshold, kfold_verification, read_pairs
+from datamodules.lfw_pairs import best_threshold, kfold_verification, load_pairs, read_pairs
 from datamodules.pk_sampler import PKBatchSampler
 from model_config import FaceConfig
 from zoo.errors import ZooError
@@ -123,11 +123,16 @@ def test_pairs_file_in_lfw_format(tmp_path):
     assert detect_layout(tmp_path).pairs_file == tmp_path / "pairs.txt"
 
 
-def test_pairs_line_naming_a_missing_image_is_an_error_naming_the_line(tmp_path):
+def test_pairs_naming_missing_images_are_skipped_and_counted(tmp_path):
     write_people(tmp_path, {"Person_A": 4, "Person_B": 3, "Person_C": 2})
     (tmp_path / "pairs.txt").write_text(PAIRS.replace("Person_C\t1\t2", "Person_C\t1\t9"))
-    with pytest.raises(ZooError, match=r"line 6 'Person_C\s1\s9'.*Person_C_0009.jpg not found"):
-        read_pairs(tmp_path / "pairs.txt", tmp_path)
+    pair_set = load_pairs(tmp_path / "pairs.txt", tmp_path)
+    assert (len(pair_set.scored), pair_set.total, len(pair_set.skipped)) == (7, 8, 1)
+    assert pair_set.skipped[0].line_no == 6
+    assert "7 of 8 pairs scored (1 skipped" in pair_set.note and "line 6" in pair_set.note
+    (tmp_path / "pairs.txt").write_text(PAIRS.replace("Person_", "Nobody_"))
+    with pytest.raises(ZooError, match=r"none of its 8 pairs.*line 2 'Nobody_A\s1\s2'.*Nobody_A_0001.jpg not found"):
+        load_pairs(tmp_path / "pairs.txt", tmp_path)
     (tmp_path / "pairs.txt").write_text("10 300\nPerson_A 1 2\n")
     with pytest.raises(ZooError, match="6000 lines"):
         read_pairs(tmp_path / "pairs.txt", tmp_path)

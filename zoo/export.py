@@ -5,6 +5,10 @@
 
 A task exposes it as a `predict.py` verb with `export_command(prepare)`, where `prepare(model, args)` returns an
 `ExportSpec` (the module to trace, usually a small wrapper that turns raw outputs into what users want, plus inputs).
+
+Every task also exports `--format safetensors`: the weights with the task and config as JSON metadata, no pickle
+(`zoo.checkpoint.save_safetensors`); `load_model` and `predict.py --ckpt X.safetensors` open that file. A task without
+an ONNX export gets that verb from `ZooModule.commands()` through `safetensors_command()`.
 """
 from __future__ import annotations
 
@@ -198,15 +202,60 @@ def export_and_check(spec: ExportSpec, out: str | Path, int8: bool = True, opset
     return report
 
 
+def write_safetensors(model, args: argparse.Namespace) -> int:
+    """`export --format safetensors`: weights + task + config in one pickle-free file, then a check that it reopens
+    to the same tensors."""
+    from zoo.checkpoint import read_safetensors, save_safetensors
+
+    out = Path(args.out) if args.out else Path(args.ckpt).with_suffix(".safetensors")
+    if out.resolve() == Path(args.ckpt).resolve():
+        raise ZooError(f"--out {out} is the checkpoint being exported; choose another file name.")
+    save_safetensors(model, out)
+    state, back = model.state_dict(), read_safetensors(out)["state_dict"]
+    differ = [k for k, v in state.items() if k not in back or not same_tensor(v.cpu(), back[k])]
+    if differ:
+        raise ZooError(f"{out}: {len(differ)} tensors did not survive the export (first: {differ[0]}). Report it.")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB, {len(state)} tensors, task '{model.TASK}'); open it "
+          f"with `python predict.py --ckpt {out} ...` or zoo.checkpoint.load_model('{out}').")
+    return 0
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equal values, dtype and shape (NaN equals NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+    return torch.equal(a, b)
+
+
+def _format_arguments(p: argparse.ArgumentParser, formats: Sequence[str], out_help: str) -> None:
+    p.add_argument("--format", choices=list(formats), default=formats[0],
+                   help=f"{' or '.join(formats)} (default {formats[0]}); safetensors = the weights and config in one "
+                        f"file without pickle, for sharing")
+    p.add_argument("--out", default=None, help=out_help)
+
+
+def safetensors_command() -> Command:
+    """The `export` verb of a task without an ONNX export: `--format safetensors` only."""
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        _format_arguments(p, ["safetensors"], "file to write (default: next to the checkpoint, .safetensors)")
+
+    return Command("export", "write the weights + config as one .safetensors file (no pickle)", add_arguments,
+                   write_safetensors)
+
+
 def export_command(prepare: Callable[[Any, argparse.Namespace], ExportSpec], help_extra: str = "") -> Command:
-    """The `export` verb of `predict.py` for a task whose `prepare(model, args)` gives the `ExportSpec`.
+    """The `export` verb of `predict.py` for a task whose `prepare(model, args)` gives the `ExportSpec`:
+    `--format onnx` (default) or `--format safetensors`.
 
     `prepare` may read `args.batch` (size of the parity-check batch) and `args.images` (optional real inputs).
     """
 
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", default=None, help="ONNX file to write (default: next to the checkpoint, .onnx); "
-                       "the int8 model goes beside it as <name>.int8.onnx")
+        _format_arguments(p, ["onnx", "safetensors"], "file to write (default: next to the checkpoint, .onnx or "
+                          ".safetensors); the int8 ONNX model goes beside it as <name>.int8.onnx")
         p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 13; default {DEFAULT_OPSET})")
         p.add_argument("--no-int8", action="store_true", help="skip the int8 model")
         p.add_argument("--batch", type=int, default=4, help="size of the batch the outputs are compared on")
@@ -215,6 +264,8 @@ def export_command(prepare: Callable[[Any, argparse.Namespace], ExportSpec], hel
         p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     def run(model, args: argparse.Namespace) -> int:
+        if args.format == "safetensors":
+            return write_safetensors(model, args)
         if args.opset < 13:
             raise ZooError(f"--opset {args.opset}: use 13 or newer.")
         out = Path(args.out) if args.out else Path(args.ckpt).with_suffix(".onnx")
@@ -223,5 +274,6 @@ def export_command(prepare: Callable[[Any, argparse.Namespace], ExportSpec], hel
         print(json.dumps(asdict(report), indent=2) if args.json else report.summary())
         return 0
 
-    return Command("export", "write fp32 + int8 ONNX and check them against PyTorch" + help_extra, add_arguments, run)
+    return Command("export", "write fp32 + int8 ONNX and check them against PyTorch, or --format safetensors"
+                   + help_extra, add_arguments, run)
 

@@ -91,10 +91,25 @@ class ZooModule(L.LightningModule):
         else:
             scheduler.step_update(num_updates=self.global_step)
 
+    # ----- size -----
+    def parameter_count(self) -> int:
+        """Parameters of the network (each Parameter once); a task holding a weight copy (an EMA submodule)
+        overrides this to leave the copy out."""
+        return sum(p.numel() for p in self.parameters())
+
     # ----- inference -----
     def predict_commands(self) -> list:
-        """The task's `predict.py` verbs (`zoo.commands.Command`); none by default."""
+        """The task's own `predict.py` verbs (`zoo.commands.Command`); none by default."""
         return []
+
+    def commands(self) -> list:
+        """Every `predict.py` verb: the task's own, then the generic ones it does not define itself (`export`, with
+        `--format safetensors` for every task)."""
+        from zoo.export import safetensors_command
+
+        own = self.predict_commands()
+        taken = {name for c in own for name in (c.name, *c.aliases)}
+        return own + [c for c in (safetensors_command(),) if c.name not in taken]
 
     # ----- helpers for tasks -----
     @property

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,12 @@ from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
     RichModelSummary,
-    RichProgressBar,
 )
 
+from callbacks.divergence import DivergenceGuard
 from callbacks.final_checkpoint import CrashCheckpoint, FinalCheckpoint
+from callbacks.loop_state import EpochEndResume
+from callbacks.progress import CompactRichProgressBar
 from callbacks.rng_state import RNGStateCallback
 from zoo.errors import ZooError
 
@@ -50,6 +54,27 @@ class RunOptions:
     ckpt_every_n_steps: int = 0
     deterministic: bool = False
     progress: str = "rich"  # rich | tqdm | none
+
+
+# Lightning and dependency messages that say nothing about this run (the run prints its own device and paths).
+_QUIET_INFO = ("GPU available", "TPU available", "HPU available", "\U0001f4a1 Tip", "Detected KeyboardInterrupt",
+               "Trainer already configured with model summary", "`Trainer.fit` stopped")
+_QUIET_WARNINGS = (r".*'set_vital' is deprecated", r".*isinstance\(treespec, LeafSpec\)",
+                   r"Checkpoint directory .* exists and is not empty", r".*`weights_only` was not set")
+
+
+class _DropInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(_QUIET_INFO)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's hardware banner and tips and the deprecation warnings of our dependencies (idempotent)."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropInfo) for f in log.filters):
+        log.addFilter(_DropInfo())
+    for pattern in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def default_precision() -> str:
@@ -115,7 +140,12 @@ def build_callbacks(opts: RunOptions) -> list[L.Callback]:
     """Checkpointing (last.ckpt always, best-k by the task's monitor, a checkpoint on any crash or Ctrl-C)."""
     ckpt_dir = opts.run_dir
     monitor_name = opts.monitor.replace("/", "_")
-    callbacks: list[L.Callback] = [
+    if opts.fast_dev_run:  # a smoke test: writes no checkpoint that a later --resume last could pick up
+        callbacks: list[L.Callback] = [DivergenceGuard()]
+        if opts.progress == "rich":
+            callbacks.append(CompactRichProgressBar(opts.monitor, leave=True))
+        return callbacks
+    callbacks = [
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="best-{epoch:03d}-{step}-" + monitor_name + "={" + opts.monitor + ":.4f}",
@@ -126,24 +156,31 @@ def build_callbacks(opts: RunOptions) -> list[L.Callback]:
             save_last=True,
             enable_version_counter=False,  # one last.ckpt per run, whichever checkpointer wrote it last
         ),
-        CrashCheckpoint(dirpath=ckpt_dir, filename="last"),
+        CrashCheckpoint(dirpath=ckpt_dir, filename="last", model=opts.model),
         FinalCheckpoint(ckpt_dir),
         RNGStateCallback(),
+        EpochEndResume(),
+        DivergenceGuard(),
     ]
     if opts.ckpt_every_n_steps > 0:
         # A second checkpointer that only refreshes last.ckpt mid-epoch, so a killed run loses at most N steps.
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}", save_top_k=0, save_last=True,
                                          every_n_train_steps=opts.ckpt_every_n_steps, enable_version_counter=False))
     if opts.progress == "rich":
-        callbacks += [RichProgressBar(leave=True), RichModelSummary(max_depth=2)]
+        callbacks += [CompactRichProgressBar(opts.monitor, leave=True), RichModelSummary(max_depth=2)]
     if opts.logger != "none" and not opts.fast_dev_run:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return callbacks
 
 
-def build_trainer(opts: RunOptions, config: dict[str, Any]) -> L.Trainer:
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
-    (opts.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+def build_trainer(opts: RunOptions, config: dict[str, Any], write_run_dir: bool = True) -> L.Trainer:
+    """The Trainer of a run. `write_run_dir=False` (validate / test, fast dev runs) creates and writes nothing in
+    `opts.run_dir`."""
+    quiet_lightning()
+    write_run_dir = write_run_dir and not opts.fast_dev_run
+    if write_run_dir:
+        opts.run_dir.mkdir(parents=True, exist_ok=True)
+        (opts.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
     kwargs: dict[str, Any] = dict(
         default_root_dir=str(opts.run_dir),
         max_epochs=opts.epochs,
@@ -155,8 +192,9 @@ def build_trainer(opts: RunOptions, config: dict[str, Any]) -> L.Trainer:
         precision=opts.precision or default_precision(),
         accumulate_grad_batches=opts.accumulate,
         gradient_clip_val=opts.grad_clip or None,
-        logger=build_logger(opts, config),
+        logger=build_logger(opts, config) if write_run_dir else False,
         callbacks=build_callbacks(opts),
+        enable_checkpointing=not opts.fast_dev_run,
         fast_dev_run=opts.fast_dev_run,
         deterministic=opts.deterministic,
         enable_progress_bar=opts.progress != "none",

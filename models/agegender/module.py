@@ -59,6 +59,10 @@ class AgeGender(ZooModule):
         resuming = self._trainer is not None and self._trainer.ckpt_path
         if stage == "fit" and self.cfg.pretrained and not resuming:
             self.backbone.load_state_dict(create_backbone(self.cfg.backbone, pretrained=True).state_dict())
+        if stage == "fit" and getattr(self.cfg, "init_from", None) and not resuming:
+            from models.backbones import init_from_checkpoint
+
+            print(f"[agegender] {init_from_checkpoint(self.backbone, self.cfg.init_from)}")
 
     def _step(self, batch: dict[str, torch.Tensor], split: str, metrics: AgeGenderMetrics) -> torch.Tensor:
         age, logit = self(batch["image"])

@@ -9,43 +9,41 @@ import torch
 from torch import nn
 
 from zoo.commands import Command
-from zoo.errors import ZooError
 from zoo.export import ExportSpec, export_command
-from zoo.images import is_image, load_rgb
+from zoo.images import ImageReadError, collect_images, load_each, load_rgb, report_failed
 
 GENDERS = ("male", "female")
 
 
 def image_paths(items: list[str]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted); a missing path is a ZooError."""
-    paths: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.is_file() and is_image(q.name))
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise ZooError(f"No such image or folder: {p}.")
-    if not paths:
-        raise ZooError(f"No images found in {', '.join(items)}.")
-    return paths
+    """Files as given, folders expanded to their images (sorted); a missing path is a ZooError (zoo.images)."""
+    return collect_images(items)
 
 
-def preprocess(model, paths: list[Path]) -> torch.Tensor:
-    """Images -> (N, 3, H, W) batch as the model saw in validation (resize + the backbone's normalisation)."""
+def preprocess(model, paths: list[Path], arrays: list | None = None) -> torch.Tensor:
+    """Images (or their already read RGB `arrays`) -> (N, 3, H, W) batch as the model saw in validation (resize +
+    the backbone's normalisation)."""
     from datamodules.utkface import build_transform, data_config_for
 
     transform = build_transform(data_config_for(model.cfg), train=False)
-    return torch.stack([transform(image=load_rgb(p))["image"] for p in paths])
+    arrays = arrays if arrays is not None else [load_rgb(p) for p in paths]
+    return torch.stack([transform(image=a)["image"] for a in arrays])
 
 
-def estimate(model, paths: list[Path], batch_size: int = 32) -> list[dict]:
-    """One dict per image: path, age (years), gender ("male" / "female"), probability of that gender, p_female."""
+def estimate(model, paths: list[Path], batch_size: int = 32, failed: list[ImageReadError] | None = None) -> list[dict]:
+    """One dict per readable image: path, age (years), gender ("male" / "female"), probability of that gender,
+    p_female. Errors of unreadable images are appended to `failed` (or raised when it is None)."""
     results = []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        out = model.predict_batch(preprocess(model, chunk))
+        loaded, bad = load_each(paths[start:start + batch_size])
+        if bad:
+            if failed is None:
+                raise bad[0]
+            failed.extend(bad)
+        if not loaded:
+            continue
+        chunk = [p for p, _ in loaded]
+        out = model.predict_batch(preprocess(model, chunk, [a for _, a in loaded]))
         for path, age, p in zip(chunk, out["age"].tolist(), out["p_female"].tolist()):
             female = p >= 0.5
             results.append({"path": str(path), "age": round(age, 1), "gender": GENDERS[int(female)],
@@ -60,13 +58,14 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(model, args: argparse.Namespace) -> int:
-    results = estimate(model, image_paths(args.images), args.batch_size)
+    paths, failed = image_paths(args.images), []
+    results = estimate(model, paths, args.batch_size, failed)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
             print(f"{r['path']}\tage {r['age']:.1f}\t{r['gender']} ({r['probability']:.1%})")
-    return 0
+    return report_failed(failed, len(paths))
 
 
 class AgeGenderExport(nn.Module):

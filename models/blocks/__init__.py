@@ -1,8 +1,9 @@
 """Shared Mamba building blocks: the only place a scan is written.
 
-Modules (what a layer is) import their ops (how it is computed) from `scan.py` (Mamba-1 selective scan), `ssd.py`
-(Mamba-2 chunked SSD), `conv.py` and `norm.py`; each op dispatches to mamba-ssm's kernels on CUDA (`kernels.py`) and
-otherwise runs its portable PyTorch twin. `MAMBA_ZOO_PORTABLE=1` forces the portable path.
+Modules (what a layer is: `mamba.py`, `mamba2.py`, `bidirectional.py`, `vim.py`, `ss2d.py`, `mha.py`, `residual.py`,
+`norm.py`) import their ops (how it is computed) from `ops/`: selective scan, SSD, causal conv and RMSNorm, each
+dispatching to mamba-ssm's kernels on CUDA and otherwise running its portable PyTorch twin
+(`ops/dispatch.py`; `MAMBA_ZOO_PORTABLE=1` forces the portable path).
 """
 import importlib
 

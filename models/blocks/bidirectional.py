@@ -1,12 +1,12 @@
 """Bidirectional Mamba-2 mixer (DeMansia 2 style): a forward scan and a backward scan over one shared in_proj.
 
-Default (`legacy_demansia2=False`): a true bidirectional mixer. The backward branch scans the sequence *reversed along
+Default (`scan_mode="bidirectional"`): a true bidirectional mixer. The backward branch scans the sequence *reversed along
 the sequence axis* with its own conv1d_b / dt_bias_b / A_log_b / D_b / norm_b / out_proj_b, and the two outputs are
 averaged. in_proj is shared: the published mixer shares it too (so its checkpoint loads for fine-tuning with the same
 keys), and it halves the largest projection; each direction still has its own conv, step sizes, decay and gating
 norm, which is where the direction-specific behaviour lives.
 
-`legacy_demansia2=True` reproduces the published DeMansia 2 mixer (catalpaaa/DeMansia-2) exactly, quirks included:
+`scan_mode="legacy"` reproduces the published DeMansia 2 mixer (catalpaaa/DeMansia-2) exactly, quirks included:
 branch 2 runs on the in_proj output flipped on the *channel* axis (it never reverses the sequence), uses the forward
 `D` (`D_b` exists, stays all ones and is unused, except with D_has_hdim where the published code does use it),
 `dt_bias_b` / `A_log_b` are separate Parameters over the same storage as `dt_bias` / `A_log`, and the output is
@@ -23,19 +23,25 @@ from .mamba2 import Branch, Mamba2
 
 class BidirectionalMamba2(Mamba2):
     """Bidirectional Mamba-2 mixer: (B, L, d_model) -> (B, L, d_model); constructor as `Mamba2` plus
-    `legacy_demansia2`. Parameters: those of Mamba2 plus conv1d_b, dt_bias_b, A_log_b, D_b, norm_b, out_proj_b."""
+    `scan_mode` ("bidirectional" or "legacy", the config's name). Parameters: those of Mamba2 plus conv1d_b,
+    dt_bias_b, A_log_b, D_b, norm_b, out_proj_b."""
 
     _directions = ("", "_b")
 
-    def __init__(self, d_model: int, *args, legacy_demansia2: bool = False, **mamba2_kwargs):
-        # Read by _init_dt_A during Mamba2.__init__, so set before it (a plain attribute, allowed pre-init).
-        self.legacy_demansia2 = legacy_demansia2
-        if legacy_demansia2:
+    SCAN_MODES = ("bidirectional", "legacy")
+
+    def __init__(self, d_model: int, *args, scan_mode: str = "bidirectional", **mamba2_kwargs):
+        if scan_mode not in self.SCAN_MODES:
+            raise ValueError(f"scan_mode must be one of {self.SCAN_MODES}, got {scan_mode!r}")
+        # Read by _init_dt_A during Mamba2.__init__, so set before it (plain attributes, allowed pre-init).
+        self.scan_mode = scan_mode
+        self.legacy = scan_mode == "legacy"
+        if self.legacy:
             mamba2_kwargs.pop("use_mem_eff_path", None)  # the published mixer always takes the fused routine
         super().__init__(d_model, *args, **mamba2_kwargs)
 
     def _init_dt_A(self, dt_min, dt_max, dt_init_floor, A_init_range, device, dtype) -> None:
-        if not self.legacy_demansia2:
+        if not self.legacy:
             return super()._init_dt_A(dt_min, dt_max, dt_init_floor, A_init_range, device, dtype)
         dt = self._draw_dt_bias(dt_min, dt_max, dt_init_floor, device, dtype)
         self._register_no_wd("dt_bias", dt)
@@ -47,7 +53,7 @@ class BidirectionalMamba2(Mamba2):
     def _apply(self, fn, recurse=True):
         # .to()/.half() give every Parameter its own new tensor; keep the published tie after a move.
         out = super()._apply(fn, recurse)
-        if self.legacy_demansia2:
+        if self.legacy:
             for name in ("dt_bias", "A_log"):
                 fwd, bwd = getattr(self, name), getattr(self, name + "_b")
                 if bwd.data_ptr() != fwd.data_ptr():
@@ -56,7 +62,7 @@ class BidirectionalMamba2(Mamba2):
 
     def backward_branch(self) -> Branch:
         br = self.branch("_b")
-        if self.legacy_demansia2 and not self.D_has_hdim:
+        if self.legacy and not self.D_has_hdim:
             br = br._replace(D=self.D)
         return br
 
@@ -69,7 +75,7 @@ class BidirectionalMamba2(Mamba2):
         zxbcdt = self.in_proj(u)
         if seqlen_og is not None:
             zxbcdt = rearrange(zxbcdt, "(b l) d -> b l d", l=seqlen)
-        if self.legacy_demansia2:
+        if self.legacy:
             out = self.scan_branch(zxbcdt, self.branch(), seq_idx=seq_idx, fused=True)
             out_b = self.scan_branch(zxbcdt.flip(-1), self.backward_branch(), seq_idx=seq_idx, fused=True)
             out = (out + out_b.flip(-1)) / 2
@@ -88,7 +94,7 @@ class BidirectionalMamba2(Mamba2):
         raise NotImplementedError("a bidirectional mixer has no recurrent (token-by-token) form")
 
     def extra_repr(self) -> str:
-        return f"legacy_demansia2={self.legacy_demansia2}"
+        return f"scan_mode={self.scan_mode!r}"
 
 
 def swap_directions(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:

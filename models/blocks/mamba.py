@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .conv import causal_conv1d_fn, causal_conv1d_update
-from .kernels import get_kernel, use_kernels
-from .scan import compute_dtype, selective_scan_fn, selective_scan_tm, selective_state_update
+from .ops.causal_conv import causal_conv1d_fn, causal_conv1d_update
+from .ops.dispatch import compute_dtype, get_kernel, use_kernels
+from .ops.selective_scan import selective_scan_fn, selective_scan_tm, selective_state_update
+from .recurrent import RecurrentCache
 
 
 class Branch(NamedTuple):
@@ -59,14 +60,14 @@ def ones_d(d_inner: int, device=None) -> nn.Parameter:
     return p
 
 
-class Mamba(nn.Module):
+class Mamba(RecurrentCache, nn.Module):
     """Mamba-1 selective-state-space mixer.
 
     Input and output (B, L, d_model). Internally d_inner = expand * d_model channels, a causal depthwise conv of width
     d_conv, and a selective scan with d_state states per channel. Arguments, parameter names/shapes and the
     initialisation (including the order random numbers are drawn) equal mamba-ssm's `Mamba`, so state_dicts move
     between the two with strict=True. `use_fast_path` selects mamba-ssm's fused `mamba_inner_fn` when its kernels
-    run (CUDA); without kernels the portable path runs: conv.causal_conv1d_fn + scan.selective_scan_tm.
+    run (CUDA); without kernels the portable path runs: ops.causal_conv1d_fn + ops.selective_scan_tm.
     """
 
     def __init__(
@@ -213,16 +214,4 @@ class Mamba(nn.Module):
                                  dtype=self.conv1d.weight.dtype if dtype is None else dtype)
         ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device,
                                 dtype=self.dt_proj.weight.dtype if dtype is None else dtype)
-        return conv_state, ssm_state
-
-    def _get_states_from_cache(self, inference_params, batch_size: int, initialize_states: bool = False):
-        if self.layer_idx is None:
-            raise ValueError("inference_params needs the module built with layer_idx")
-        cache = inference_params.key_value_memory_dict
-        if self.layer_idx not in cache:
-            cache[self.layer_idx] = self.allocate_inference_cache(batch_size, 0)
-        conv_state, ssm_state = cache[self.layer_idx]
-        if initialize_states:
-            conv_state.zero_()
-            ssm_state.zero_()
         return conv_state, ssm_state

@@ -2,7 +2,7 @@
 
 Same constructor arguments, parameter names, shapes and initialisation (same random draws in the same order), so
 state_dicts load both ways with strict=True. On CUDA with mamba-ssm available the fused kernels run; elsewhere the
-portable path of `ssd.py` / `conv.py` / `norm.py`. Both give the same outputs and gradients.
+portable twins in `ops/` (ssd, causal_conv, rms_norm). Both give the same outputs and gradients.
 """
 from __future__ import annotations
 
@@ -14,9 +14,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .conv import causal_conv1d_fn, causal_conv1d_update
 from .norm import RMSNormGated
-from .ssd import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined, ssd_state_update
+from .ops.causal_conv import causal_conv1d_fn, causal_conv1d_update
+from .ops.ssd import (
+    gate_mlp,
+    mamba_chunk_scan_combined,
+    mamba_split_conv1d_scan_combined,
+    split_zxbcdt,
+    ssd_state_update,
+)
+from .recurrent import RecurrentCache
 
 
 class Branch(NamedTuple):
@@ -30,7 +37,7 @@ class Branch(NamedTuple):
     out_proj: nn.Linear
 
 
-class Mamba2(nn.Module):
+class Mamba2(RecurrentCache, nn.Module):
     """Mamba-2 mixer: (B, L, d_model) -> (B, L, d_model) (or (B*L, d_model) with `seqlen`, as in mamba-ssm).
 
     in_proj -> [z, xBC, dt]; causal depthwise conv + SiLU on xBC; SSD scan with nheads = d_ssm / headdim heads of
@@ -173,9 +180,7 @@ class Mamba2(nn.Module):
                 headdim=None if self.D_has_hdim else self.headdim, ngroups=self.ngroups,
                 norm_before_gate=self.norm_before_gate, **self._dt_limit_kwargs(),
             )
-        d_xbc = self.d_ssm + 2 * self.ngroups * self.d_state
-        d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
-        z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, d_xbc, self.nheads], dim=-1)
+        z0, x0, z, xBC, dt = split_zxbcdt(zxbcdt, self.d_ssm, self.ngroups, self.d_state, self.nheads)
         xBC_t = xBC.transpose(1, 2)
         if conv_state is not None:
             # Zero-padded on the left when the prompt is shorter than the conv window.
@@ -197,8 +202,7 @@ class Mamba2(nn.Module):
         y = rearrange(y, "b l h p -> b l (h p)")
         if br.norm is not None:
             y = br.norm(y, z)
-        if d_mlp > 0:
-            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        y = gate_mlp(y, z0, x0)
         return br.out_proj(y)
 
     def forward(self, u: Tensor, seqlen: int | None = None, seq_idx: Tensor | None = None,
@@ -228,9 +232,7 @@ class Mamba2(nn.Module):
             raise ValueError("step decodes one token at a time")
         br = self.branch()
         zxbcdt = self.in_proj(hidden_states.squeeze(1))
-        d_xbc = self.d_ssm + 2 * self.ngroups * self.d_state
-        d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
-        z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, d_xbc, self.nheads], dim=-1)
+        z0, x0, z, xBC, dt = split_zxbcdt(zxbcdt, self.d_ssm, self.ngroups, self.d_state, self.nheads)
         xBC = causal_conv1d_update(xBC, conv_state, rearrange(br.conv1d.weight, "d 1 w -> d w"), br.conv1d.bias,
                                    self.activation)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -244,8 +246,7 @@ class Mamba2(nn.Module):
         y = rearrange(y, "b h p -> b (h p)")
         if br.norm is not None:
             y = br.norm(y, z)
-        if d_mlp > 0:
-            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        y = gate_mlp(y, z0, x0)
         return br.out_proj(y).unsqueeze(1), conv_state, ssm_state
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
@@ -256,21 +257,4 @@ class Mamba2(nn.Module):
                                  dtype=conv_dtype).transpose(1, 2)
         ssm_dtype = self.in_proj.weight.dtype if dtype is None else dtype
         ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype)
-        return conv_state, ssm_state
-
-    def _get_states_from_cache(self, inference_params, batch_size: int, initialize_states: bool = False):
-        if self.layer_idx is None:
-            raise ValueError("recurrent inference needs layer_idx")
-        cache = inference_params.key_value_memory_dict
-        if self.layer_idx not in cache:
-            conv_state = torch.zeros(batch_size, self.d_conv, self.conv1d.weight.shape[0],
-                                     device=self.conv1d.weight.device, dtype=self.conv1d.weight.dtype).transpose(1, 2)
-            ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state,
-                                    device=self.in_proj.weight.device, dtype=self.in_proj.weight.dtype)
-            cache[self.layer_idx] = (conv_state, ssm_state)
-        else:
-            conv_state, ssm_state = cache[self.layer_idx]
-            if initialize_states:
-                conv_state.zero_()
-                ssm_state.zero_()
         return conv_state, ssm_state

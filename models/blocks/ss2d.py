@@ -21,9 +21,9 @@ from einops import rearrange
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .kernels import use_kernels
 from .mamba import init_dt_proj, ones_d, s4d_real_a_log
-from .scan import compute_dtype, selective_scan_fn, selective_scan_tm
+from .ops.dispatch import compute_dtype, use_kernels
+from .ops.selective_scan import selective_scan_fn, selective_scan_tm
 
 K = 4  # scan directions: row-major, column-major, row-major reversed, column-major reversed
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from einops import rearrange
 from torch import Tensor, nn
 
-from .kernels import use_kernels
 from .mamba import Mamba, init_dt_proj, ones_d, s4d_real_a_log
+from .ops.dispatch import use_kernels
 
 
 class BidirectionalMamba(Mamba):

@@ -23,13 +23,19 @@ from model_config import DeMansia2Config
 from zoo.errors import ZooError
 
 
-def read_released(path: str | Path) -> dict[str, Any]:
-    """torch.load on the CPU; classes pickled from `pytorch_lightning` resolve to `lightning.pytorch`."""
+def read_released(path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """The released checkpoint as data (`zoo.checkpoint.safe_load`: tensors and plain values only, no code runs).
+
+    With `trust` (the `--trust-checkpoint` flag) it is unpickled in full, and classes pickled from `pytorch_lightning`
+    resolve to `lightning.pytorch`.
+    """
+    from zoo.checkpoint import safe_load
+
     path = Path(path)
     if not path.is_file():
         raise ZooError(f"{path} not found. Download 'DeMansia 2 Tiny EMA.ckpt' from the DeMansia-2 release page "
                        f"and pass its path.")
-    if "pytorch_lightning" not in sys.modules:
+    if trust and "pytorch_lightning" not in sys.modules:
         try:
             import pytorch_lightning  # noqa: F401
         except ImportError:
@@ -39,7 +45,9 @@ def read_released(path: str | Path) -> dict[str, Any]:
             alias.__dict__.update(lp.__dict__)
             sys.modules["pytorch_lightning"] = alias
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = safe_load(path, "released checkpoint", trust=trust)
+    except ZooError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ZooError(f"Cannot read {path}: {type(e).__name__}: {str(e)[:200]}. Is it the released .ckpt file, "
                        f"complete (the Tiny checkpoint is ~115 MB)?") from None
@@ -81,12 +89,12 @@ def imagenet_class_names(num_classes: int) -> tuple[str, ...]:
     return tuple(d.split(",")[0].strip() for d in ImageNetInfo().label_descriptions())
 
 
-def convert(src: str | Path, dst: str | Path) -> Path:
+def convert(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
     """Write a zoo checkpoint for the released one; returns dst. Raises ZooError on missing/unexpected keys or
     shape mismatches, naming them."""
     from models.demansia2.module import DeMansia2
 
-    ckpt = read_released(src)
+    ckpt = read_released(src, trust=trust)
     state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in ckpt["state_dict"].items()}
     cfg = config_from_released(ckpt.get("hyper_parameters") or {})
     cfg = cfg.replace(class_names=imagenet_class_names(cfg.num_classes))
@@ -127,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="the released Lightning checkpoint, e.g. 'DeMansia 2 Tiny EMA.ckpt'")
     p.add_argument("dst", help="where to write the zoo checkpoint")
+    p.add_argument("--trust-checkpoint", action="store_true", help="unpickle src in full, which can run code: only "
+                   "for a file you trust that holds types beyond tensors and plain data")
     args = p.parse_args(argv)
     try:
-        dst = convert(args.src, args.dst)
+        dst = convert(args.src, args.dst, trust=args.trust_checkpoint)
     except ZooError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

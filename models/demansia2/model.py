@@ -128,7 +128,7 @@ class DeMansia2Net(nn.Module):
 
         norm_cls = partial(RMSNorm, eps=norm_eps)
         mamba = partial(BidirectionalMamba2, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
-                        chunk_size=chunk_size, legacy_demansia2=scan_mode == "legacy")
+                        chunk_size=chunk_size, scan_mode=scan_mode)
         attn = partial(MHA, num_heads=num_heads, head_dim=attn_head_dim, d_conv=d_conv, rotary_emb_dim=rotary_dim,
                        causal=False, qkv_proj_bias=True, out_proj_bias=True)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # plain floats: meta-device safe

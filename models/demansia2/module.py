@@ -15,7 +15,25 @@ from models.demansia2.model import (
     mix_box,
     net_kwargs,
 )
+from zoo.errors import ZooError
 from zoo.module import ZooModule
+
+
+def build_network(cfg: DeMansia2Config) -> nn.Module:
+    """DeMansia2Net for `backbone=demansia2`; any other timm name gives that timm model with a `num_classes` head
+    (e.g. `--set backbone=resnet18`, for a baseline through the same data, schedule and metrics)."""
+    if cfg.backbone in ("demansia2", "", None):
+        return DeMansia2Net(**net_kwargs(cfg))
+    from models.backbones import check_backbone_name
+
+    check_backbone_name(cfg.backbone)
+    if cfg.token_label_dir:
+        raise ZooError(f"--set token_label_dir needs the DeMansia 2 network (token logits); backbone={cfg.backbone} "
+                       f"has none. Drop one of the two settings.")
+    import timm
+
+    extra = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
+    return timm.create_model(cfg.backbone, num_classes=cfg.num_classes, **extra)
 
 
 class DeMansia2(ZooModule):
@@ -41,7 +59,7 @@ class DeMansia2(ZooModule):
                  **overrides: Any):
         super().__init__(config, task, **overrides)
         cfg = self.cfg
-        self.model = DeMansia2Net(**net_kwargs(cfg))
+        self.model = build_network(cfg)
         self.criterion = TokenLabelingLoss(cfg.cls_label_weight, cfg.token_label_weight)
         k = max(cfg.num_classes, 1)
         self.metrics = nn.ModuleDict({
@@ -54,14 +72,24 @@ class DeMansia2(ZooModule):
         return self.model(x)
 
     # ----- training -----
+    @property
+    def is_demansia(self) -> bool:
+        """False when `cfg.backbone` swapped the network for a timm model (trained with plain label-smoothed CE)."""
+        return isinstance(self.model, DeMansia2Net)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         cfg, x, labels = self.cfg, batch["image"], batch["label"]
+        if not self.is_demansia:
+            loss = F.cross_entropy(self.model(x).float(), labels, label_smoothing=cfg.label_smoothing)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+            return loss
         grid = self.model.token_grid(x)
         box, lam = mix_box(grid) if cfg.mix_token else (None, 1.0)
         cls_logits, token_logits = self.model.forward_train(x, box)
         if "label_map" in batch:
             cls_target, token_target = token_label_targets(batch["label_map"], batch["box"], batch["flip"],
-                                                           cfg.num_classes, grid, cfg.label_smoothing)
+                                                           cfg.num_classes, grid, cfg.label_smoothing,
+                                                           cfg.token_label_smoothing)
             max_target = None
         else:
             cls_target = one_hot_smoothed(labels, cfg.num_classes, cfg.label_smoothing)
@@ -103,7 +131,7 @@ class DeMansia2(ZooModule):
         self._evaluate(batch, "test")
 
     def configure_callbacks(self) -> list:
-        return [EMA(decay=self.cfg.ema_decay)] if self.cfg.ema else []
+        return [EMA(decay=self.cfg.ema_decay, warmup=self.cfg.ema_warmup)] if self.cfg.ema else []
 
     # ----- inference -----
     def eval_transform(self):

@@ -13,37 +13,28 @@ import torch
 from PIL import Image
 
 from zoo.commands import Command
-from zoo.errors import ZooError
-from zoo.images import is_image, load_rgb
-
-
-def collect_images(paths: list[str]) -> list[Path]:
-    """Files as given, folders searched recursively for images (sorted); a missing path is a ZooError."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image(f.name))
-            if not found:
-                raise ZooError(f"No images (.jpg, .jpeg, .png, ...) under folder {p}.")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ZooError(f"{p} does not exist. Give image files or folders of images.")
-    return out
+from zoo.images import ImageReadError, collect_images, load_each, report_failed
 
 
 @torch.no_grad()
-def classify(model, paths: list[Path], top_k: int = 5, batch_size: int = 32) -> list[dict]:
-    """[{"image": path, "top": [{"class": name, "index": i, "prob": p}, ...]}] in the order of `paths`."""
+def classify(model, paths: list[Path], top_k: int = 5, batch_size: int = 32,
+             failed: list[ImageReadError] | None = None) -> list[dict]:
+    """[{"image": path, "top": [{"class": name, "index": i, "prob": p}, ...]}] for the readable `paths`, in order;
+    the errors of unreadable ones are appended to `failed` (or raised when it is None)."""
     transform = model.eval_transform()
     device = next(model.parameters()).device
     names = model.class_names
     results = []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        x = torch.stack([transform(Image.fromarray(load_rgb(p))) for p in chunk]).to(device)
+        loaded, bad = load_each(paths[start : start + batch_size])
+        if bad:
+            if failed is None:
+                raise bad[0]
+            failed.extend(bad)
+        if not loaded:
+            continue
+        chunk = [p for p, _ in loaded]
+        x = torch.stack([transform(Image.fromarray(a)) for _, a in loaded]).to(device)
         probs = model(x).float().softmax(-1)
         k = min(top_k, probs.shape[-1])
         values, indices = probs.topk(k, dim=-1)
@@ -62,15 +53,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(model, args: argparse.Namespace) -> int:
-    results = classify(model.eval(), collect_images(args.images), args.top_k, args.batch_size)
+    paths, failed = collect_images(args.images), []
+    results = classify(model.eval(), paths, args.top_k, args.batch_size, failed)
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
-    for r in results:
-        print(r["image"])
-        for rank, t in enumerate(r["top"], 1):
-            print(f"  {rank}. {t['class']:<32} {100 * t['prob']:6.2f}%")
-    return 0
+    else:
+        for r in results:
+            print(r["image"])
+            for rank, t in enumerate(r["top"], 1):
+                print(f"  {rank}. {t['class']:<32} {100 * t['prob']:6.2f}%")
+    return report_failed(failed, len(paths))
 
 
 def classify_command() -> Command:

@@ -23,7 +23,9 @@ class FaceEmbedder(ZooModule):
     CosFace class weights are optimised too) on P x K batches. Two-stage schedule (upstream: "all" then "hard"
     triplets): with `cfg.stage2_miner` set and `cfg.stage2_epoch` > 0, at that epoch the miner is switched and a
     fresh optimiser and warm-up + cosine schedule over the remaining epochs are created; the current stage is a buffer,
-    so a resumed run continues in the right stage.
+    so a resumed run continues in the right stage. As published: `cfg.stage2_from_best` restarts stage 2 from the best
+    stage-1 checkpoint (by `cfg.monitor`), and `cfg.early_stop_patience` ends a stage after that many validations
+    without a better monitor value (stage 1 then hands over to stage 2, which gets its full length).
 
     Validation (dataloader 0 = the val split): precision@1 (upstream's "Recall@1"), R-Precision and MAP@R; the
     same/different cosine threshold calibrated on all val pairs (best balanced accuracy) is stored in the `threshold`
@@ -42,6 +44,10 @@ class FaceEmbedder(ZooModule):
         self.register_buffer("threshold", torch.tensor(0.5))  # cosine similarity; upstream's fixed value until calibrated
         self.register_buffer("stage", torch.tensor(1))
         self.register_buffer("stage_start_step", torch.tensor(0))
+        self.register_buffer("stage_start_epoch", torch.tensor(0))
+        self.register_buffer("best_score", torch.tensor(0.0))  # early stopping, per stage (valid when has_best)
+        self.register_buffer("has_best", torch.tensor(False))
+        self.register_buffer("bad_epochs", torch.tensor(0))
         self._outputs: dict[int, list[tuple[Tensor, Tensor]]] = defaultdict(list)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -60,6 +66,13 @@ class FaceEmbedder(ZooModule):
         return sim, sim >= self.threshold.float().cpu().item()
 
     # ----- training -----
+    def setup(self, stage: str) -> None:
+        # `init_from` starts a new run only: a resumed run already holds its own trained weights.
+        if stage == "fit" and self.cfg.init_from and not getattr(self._trainer, "ckpt_path", None):
+            from models.backbones import init_from_checkpoint
+
+            print(f"[face] {init_from_checkpoint(self.net.encoder, self.cfg.init_from)}")
+
     @property
     def two_stage(self) -> bool:
         return self.cfg.stage2_miner is not None and self.cfg.stage2_epoch > 0
@@ -68,13 +81,37 @@ class FaceEmbedder(ZooModule):
         if int(self.stage) == 2:  # resumed in stage 2
             self.loss_fn.set_miner(self.cfg.stage2_miner)
 
+    def _stage_stopped_early(self) -> bool:
+        p = self.cfg.early_stop_patience
+        return p > 0 and int(self.bad_epochs) >= p
+
     def on_train_epoch_start(self) -> None:
-        if self.two_stage and int(self.stage) == 1 and self.current_epoch >= self.cfg.stage2_epoch:
+        if self.two_stage and int(self.stage) == 1 and (self.current_epoch >= self.cfg.stage2_epoch
+                                                        or self._stage_stopped_early()):
+            why = "early stop" if self.current_epoch < self.cfg.stage2_epoch else "scheduled"
+            if self.cfg.stage2_from_best:
+                self._load_best_weights()
             self.stage.fill_(2)
             self.stage_start_step.fill_(self.global_step)
+            self.stage_start_epoch.fill_(self.current_epoch)
+            self.has_best.fill_(False)
+            self.bad_epochs.zero_()
             self.loss_fn.set_miner(self.cfg.stage2_miner)
             self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers for stage 2
-            print(f"[face] epoch {self.current_epoch}: stage 2 (miner '{self.cfg.stage2_miner}', fresh optimiser)")
+            print(f"[face] epoch {self.current_epoch}: stage 2 ({why}; miner '{self.cfg.stage2_miner}', "
+                  f"fresh optimiser{', best stage-1 weights' if self.cfg.stage2_from_best else ''})")
+
+    def _load_best_weights(self) -> None:
+        """The network weights of the best checkpoint so far (stage 1), as upstream's stage 2 starts from it."""
+        path = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        if not path:
+            print("[face] stage 2: no best checkpoint was written in stage 1; continuing from the current weights")
+            return
+        from zoo.checkpoint import read_checkpoint
+
+        state = read_checkpoint(path)["state_dict"]
+        keep = ("threshold", "stage", "stage_start_step", "stage_start_epoch", "best_score", "has_best", "bad_epochs")
+        self.load_state_dict({k: v for k, v in state.items() if k not in keep}, strict=False)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -93,8 +130,7 @@ class FaceEmbedder(ZooModule):
 
     def lr_scheduler_step(self, scheduler, metric=None):
         if self.cfg.sched_interval == "epoch":
-            start = self.cfg.stage2_epoch if int(self.stage) == 2 else 0
-            scheduler.step(epoch=self.current_epoch + 1 - start)
+            scheduler.step(epoch=self.current_epoch + 1 - int(self.stage_start_epoch))
         else:
             scheduler.step_update(num_updates=self.global_step - int(self.stage_start_step))
 
@@ -107,18 +143,45 @@ class FaceEmbedder(ZooModule):
         self.validation_step(batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._evaluate("val", calibrate=not self.trainer.sanity_checking)
+        logged = self._evaluate("val", calibrate=not self.trainer.sanity_checking)
+        if not self.trainer.sanity_checking:
+            self._early_stopping(logged.get(self.cfg.monitor))
+
+    def _early_stopping(self, value: float | None) -> None:
+        """Per-stage patience on `cfg.monitor`; the last stage ends the run, stage 1 hands over to stage 2."""
+        if self.cfg.early_stop_patience <= 0 or value is None:
+            return
+        value = float(value)
+        better = (value > float(self.best_score)) if self.cfg.monitor_mode == "max" else (value < float(self.best_score))
+        if not bool(self.has_best) or better:
+            self.best_score.fill_(value)
+            self.has_best.fill_(True)
+            self.bad_epochs.zero_()
+        else:
+            self.bad_epochs.add_(1)
+        last_stage = not self.two_stage or int(self.stage) == 2
+        if int(self.stage) == 2:  # stage 2 has its own length, however early stage 1 ended
+            length = max(1, self.max_epochs() - self.cfg.stage2_epoch)
+            if self.current_epoch + 1 >= int(self.stage_start_epoch) + length:
+                self.trainer.should_stop = True
+        if last_stage and self._stage_stopped_early():
+            print(f"[face] early stopping at epoch {self.current_epoch}: {self.cfg.monitor} did not improve on "
+                  f"{float(self.best_score):.4f} for {self.cfg.early_stop_patience} validations")
+            self.trainer.should_stop = True
 
     def on_test_epoch_end(self) -> None:
         self._evaluate("test", calibrate=False)
 
-    def _evaluate(self, prefix: str, calibrate: bool) -> None:
+    def _evaluate(self, prefix: str, calibrate: bool) -> dict[str, float]:
+        """Logs and returns the split's metrics ({"val/precision_at_1": ...})."""
+        logged: dict[str, float] = {}
         outputs, self._outputs = self._outputs, defaultdict(list)
         if 0 in outputs:
             emb = torch.cat([e for e, _ in outputs[0]])
             labels = torch.cat([y for _, y in outputs[0]])
             for name, value in retrieval_metrics(emb, labels).items():
                 self.log(f"{prefix}/{name}", value, prog_bar=name == "precision_at_1")
+                logged[f"{prefix}/{name}"] = float(value)
             thr, acc = calibrate_threshold(emb, labels)
             if np.isfinite(thr):
                 if calibrate:
@@ -131,18 +194,20 @@ class FaceEmbedder(ZooModule):
             index = torch.cat([y for _, y in outputs[1]])
             images = self.trainer.datamodule.pair_images
             if len(torch.unique(index)) < len(images):  # e.g. --limit-val-batches: not every pair can be scored
-                return
+                return logged
             by_image = emb.new_empty(len(images), emb.shape[1])
             by_image[index] = emb
             result = verify_pairs(by_image, images, pairs)
             self.log(f"{prefix}/verif_acc", result.mean, prog_bar=True)
             self.log(f"{prefix}/verif_auc", result.auc)
+            logged.update({f"{prefix}/verif_acc": float(result.mean), f"{prefix}/verif_auc": float(result.auc)})
+        return logged
 
     # ----- checkpoints -----
     def on_load_checkpoint(self, checkpoint) -> None:
         # Checkpoints saved before a buffer existed still open (with its default value).
         state = checkpoint.get("state_dict", {})
-        for name in ("threshold", "stage", "stage_start_step"):
+        for name in ("threshold", "stage", "stage_start_step", "stage_start_epoch", "best_score", "has_best", "bad_epochs"):
             state.setdefault(name, getattr(self, name).clone())
 
     def configure_callbacks(self):

@@ -9,14 +9,15 @@ import torch
 
 from zoo.commands import Command
 from zoo.errors import ZooError
-from zoo.images import load_rgb
+from zoo.images import drop_bad_images, load_rgb
 
 NAMES = {"precision_at_1": "Recall@1 (precision@1)", "r_precision": "R-Precision", "mean_average_precision_at_r": "MAP@R"}
 
 
 def embed_items(model, paths: list, batch_size: int = 64, with_thumbnails: bool = False):
     """Embeddings (N, D) float32 of image files, preprocessed as in validation; optionally also small thumbnails
-    (data URIs) for the HTML page."""
+    (data URIs) for the HTML page. An unreadable file is an `ImageReadError` naming it (callers check folders with
+    `zoo.images.drop_bad_images` first)."""
     from callbacks.embeddings import thumbnail_b64
     from datamodules.lfw import build_transform
 
@@ -33,19 +34,36 @@ def embed_items(model, paths: list, batch_size: int = 64, with_thumbnails: bool 
     return (emb, thumbs) if with_thumbnails else emb
 
 
-def _identities(folder: str, split: str, min_images: int):
-    """{person: images} of a folder in either face layout (see datamodules.lfw), and the layout."""
-    from datamodules.lfw import detect_layout, scan_people
+def _identities(folder: str, split: str, min_images: int, cfg=None, everyone: bool = True):
+    """{person: images} of a folder in either face layout (see datamodules.lfw), the layout, and the images left out
+    as unreadable (reported on stderr).
+
+    Pre-split layout: the `split` folder. People layout: every identity with `everyone`, else the identity-disjoint
+    `split` share that training drew with `cfg` (split fractions, seed, min_images_per_person).
+    """
+    from datamodules.lfw import detect_layout, scan_people, split_identities
 
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ZooError(f"{root} is not a folder. Expected a folder of identities: <folder>/<person>/<image>.")
     layout = detect_layout(root)
     people = scan_people(layout.root / split if layout.kind == "split" else layout.root)
+    if layout.kind == "people" and not everyone:
+        k = max(1, int(cfg.min_images_per_person))
+        eligible = sorted(n for n, ims in people.items() if len(ims) >= k)
+        chosen = split_identities(eligible, tuple(cfg.split), int(cfg.seed))[split]
+        if not chosen:
+            raise ZooError(f"{root}: the {split} split of the checkpoint's split={tuple(cfg.split)} holds no identity; "
+                           f"use --all to score every identity.")
+        people = {n: people[n] for n in chosen}
+    every = [p for ims in people.values() for p in ims]
+    good = set(drop_bad_images(every, where=str(layout.root)))
+    bad = set(every) - good
+    people = {n: [p for p in ims if p in good] for n, ims in people.items()}
     people = {n: ims for n, ims in people.items() if len(ims) >= min_images}
     if not people:
         raise ZooError(f"{root}: no identity with at least {min_images} images (--min-images).")
-    return people, layout
+    return people, layout, bad
 
 
 # ----- compare -----
@@ -58,6 +76,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compare(model, args) -> int:
+    for path in (args.image_a, args.image_b):
+        load_rgb(path)  # the same message as every task for a missing or unreadable image
     emb = embed_items(model, [args.image_a, args.image_b])
     sim = float((emb[0] * emb[1]).sum())
     thr = float(model.threshold) if args.threshold is None else args.threshold
@@ -73,7 +93,9 @@ def _compare(model, args) -> int:
 # ----- evaluate -----
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="identities: <folder>/<person>/<image> (LFW layout) or <folder>/{train,val,test}/...")
-    p.add_argument("--split", default="test", help="with the pre-split layout: which split (default test)")
+    p.add_argument("--split", default="test", help="which split to score (default test): the split folder of the "
+                   "pre-split layout, or in the people layout the identity-disjoint share drawn as in training")
+    p.add_argument("--all", action="store_true", help="people layout: score every identity, training ones included")
     p.add_argument("--min-images", type=int, default=2, help="people with fewer images are left out of retrieval")
     p.add_argument("--pairs", nargs="?", const="auto", default=None, metavar="PAIRS_TXT",
                    help="also run the k-fold verification protocol of this pairs.txt (no value: the pairs.txt found "
@@ -83,36 +105,42 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(model, args) -> int:
-    from datamodules.lfw_pairs import read_pairs
+    from datamodules.lfw import pairs_file_of
+    from datamodules.lfw_pairs import load_pairs
     from models.face.metrics import calibrate_threshold, retrieval_metrics
     from models.face.module import verify_pairs
 
-    people, layout = _identities(args.folder, args.split, args.min_images)
+    people, layout, bad = _identities(args.folder, args.split, args.min_images, model.cfg, everyone=args.all)
     paths = [p for n in sorted(people) for p in people[n]]
     labels = torch.tensor([i for i, n in enumerate(sorted(people)) for _ in people[n]])
     emb = embed_items(model, paths, args.batch_size)
-    result: dict = {"images": len(paths), "identities": len(people), **retrieval_metrics(emb, labels)}
+    scope = "every identity" if args.all or layout.kind == "split" else f"the identity-disjoint {args.split} split"
+    result: dict = {"images": len(paths), "identities": len(people), "scope": scope, "unreadable": sorted(map(str, bad)),
+                    **retrieval_metrics(emb, labels)}
     thr, acc = calibrate_threshold(emb, labels)
     result.update(best_threshold_here=thr, balanced_pair_acc=acc, checkpoint_threshold=float(model.threshold))
     verification = None
     if args.pairs:
-        pairs_file = layout.pairs_file if args.pairs == "auto" else Path(args.pairs)
+        pairs_file = pairs_file_of(args.pairs, layout)
         if pairs_file is None:
             raise ZooError(f"--pairs: no pairs.txt beside the images in {layout.root}; give its path: --pairs PATH.")
-        pairs = read_pairs(pairs_file, layout.root)
-        images = sorted({p for pair in pairs for p in (pair.a, pair.b)})
-        verification = verify_pairs(embed_items(model, images, args.batch_size), images, pairs)
-        result["verification"] = verification.to_dict()
+        pair_set = load_pairs(pairs_file, layout.root, exclude=bad)
+        images = pair_set.images
+        verification = verify_pairs(embed_items(model, images, args.batch_size), images, pair_set.pairs)
+        result["verification"] = {**verification.to_dict(), "pairs_scored": len(pair_set.scored),
+                                  "pairs_in_file": pair_set.total, "pairs_skipped": len(pair_set.skipped),
+                                  "protocol": pair_set.note}
+    status = 1 if bad else 0  # the unreadable files were named on stderr
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
-    print(f"{result['identities']} identities, {result['images']} images")
+        return status
+    print(f"{result['identities']} identities, {result['images']} images ({scope})")
     for k, name in NAMES.items():
         print(f"{name:<24}{result[k]:.4f}")
     print(f"{'best threshold here':<24}{thr:.4f} (balanced pair accuracy {acc:.4f}; checkpoint's {model.threshold:.4f})")
     if verification is not None:
-        print(f"\n{len(verification.accuracies)}-fold verification ({pairs_file}):\n{verification.table()}")
-    return 0
+        print(f"\nverification: {result['verification']['protocol']}\n{verification.table()}")
+    return status
 
 
 # ----- visualize -----
@@ -130,7 +158,7 @@ def _visualize_args(p: argparse.ArgumentParser) -> None:
 def _visualize(model, args) -> int:
     from callbacks.embeddings import log_html_to_wandb, project_2d, write_embedding_html
 
-    people, _ = _identities(args.folder, args.split, args.min_images)
+    people, _, bad = _identities(args.folder, args.split, args.min_images)
     paths, names = [], []
     for n in sorted(people):
         if paths and len(paths) + len(people[n]) > args.max_images:
@@ -143,7 +171,7 @@ def _visualize(model, args) -> int:
                                title=f"{len(paths)} faces of {len(set(names))} people ({args.method})")
     logged = log_html_to_wandb(out)
     print(f"wrote {out} ({len(paths)} points){' and logged it to W&B' if logged else ''}")
-    return 0
+    return 1 if bad else 0
 
 
 def face_commands() -> list[Command]:

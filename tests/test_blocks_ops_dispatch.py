@@ -1,4 +1,4 @@
-"""Kernel dispatch: when kernels are used, and that every mixer plumbs every argument into them correctly.
+"""Op dispatch (ops/dispatch.py): when kernels are used, and that every mixer plumbs every argument into them correctly.
 
 Without a GPU the kernel code path is exercised by `route_kernels`, which maps each kernel name to mamba-ssm's
 same-signature reference: the routed (kernel) path must give the portable path's outputs and gradients.
@@ -10,17 +10,18 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
 from test_blocks_support import assert_close, cpu_references
 
-from models.blocks import kernels
 from models.blocks.bidirectional import BidirectionalMamba2
-from models.blocks.conv import causal_conv1d_fn
-from models.blocks.kernels import get_kernel, route_kernels, use_kernels
 from models.blocks.mamba2 import Mamba2
 from models.blocks.norm import RMSNorm
+from models.blocks.ops import dispatch
+from models.blocks.ops.causal_conv import causal_conv1d_fn
+from models.blocks.ops.dispatch import get_kernel, route_kernels, use_kernels
 from models.blocks.residual import Block
 
 
@@ -42,7 +43,7 @@ def test_cpu_never_imports_mamba_ssm():
         "    sys.modules[name] = None\n"
         "import torch\n"
         "from models.blocks.bidirectional import BidirectionalMamba2\n"
-        "from models.blocks.kernels import use_kernels\n"
+        "from models.blocks.ops.dispatch import use_kernels\n"
         "m = BidirectionalMamba2(16, d_state=8, headdim=8, chunk_size=8)\n"
         "m(torch.randn(1, 5, 16)).sum().backward()\n"
         "assert not use_kernels(torch.zeros(1))\n"
@@ -55,14 +56,14 @@ def test_cpu_never_imports_mamba_ssm():
 def test_use_kernels_needs_cuda_kernels_and_no_portable_env(monkeypatch):
     assert not use_kernels(torch.zeros(2))
     fake_cuda = types.SimpleNamespace(is_cuda=True)
-    monkeypatch.setattr(kernels, "_available", False)
+    monkeypatch.setattr(dispatch, "_available", False)
     assert not use_kernels(fake_cuda)
-    monkeypatch.setattr(kernels, "_available", True)
-    monkeypatch.delenv(kernels.PORTABLE_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "_available", True)
+    monkeypatch.delenv(dispatch.PORTABLE_ENV, raising=False)
     assert use_kernels(fake_cuda)
-    monkeypatch.setenv(kernels.PORTABLE_ENV, "1")
+    monkeypatch.setenv(dispatch.PORTABLE_ENV, "1")
     assert not use_kernels(fake_cuda)
-    monkeypatch.setenv(kernels.PORTABLE_ENV, "0")
+    monkeypatch.setenv(dispatch.PORTABLE_ENV, "0")
     assert use_kernels(fake_cuda)
 
 
@@ -180,7 +181,7 @@ def test_mamba2_decoding_kernel_path(ref_cpu, extra):
 @pytest.mark.parametrize("legacy", [False, True])
 def test_bidirectional_kernel_path(ref_cpu, legacy):
     torch.manual_seed(4)
-    m = _perturb(BidirectionalMamba2(**CFG, legacy_demansia2=legacy))
+    m = _perturb(BidirectionalMamba2(**CFG, scan_mode="legacy" if legacy else "bidirectional"))
     calls = _assert_kernel_path_equals_portable(ref_cpu, m, torch.randn(2, 19, 32),
                                                 ["mamba_split_conv1d_scan_combined"])
     assert calls["mamba_split_conv1d_scan_combined"] == 2  # one per direction
@@ -216,3 +217,28 @@ def test_conv_kernel_path_with_states(ref_cpu):
         out_k, fin_k = causal_conv1d_fn(x, w, b, initial_states=init, return_final_states=True, activation="silu")
     assert_close(out_k, out_p, 1e-6)
     assert_close(fin_k, fin_p, 1e-6)
+
+
+def test_kernel_load_failure_is_reported_once(monkeypatch):
+    """mamba-ssm installed but its kernels fail to load (faked): one RuntimeWarning naming the error, then the
+    portable path, silently; without mamba-ssm installed no warning at all."""
+    def broken(name):
+        raise ImportError("libcudart.so.12: cannot open shared object file")
+
+    fake_cuda = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv(dispatch.PORTABLE_ENV, raising=False)
+    for installed in (True, False):
+        fake_importlib = types.SimpleNamespace(
+            import_module=broken, util=types.SimpleNamespace(find_spec=lambda name, found=installed: object() if found else None))
+        monkeypatch.setattr(dispatch, "importlib", fake_importlib)
+        monkeypatch.setattr(dispatch, "_available", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not use_kernels(fake_cuda)
+            assert not use_kernels(fake_cuda)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        if installed:
+            assert len(messages) == 1, messages
+            assert "ImportError: libcudart.so.12" in messages[0] and "portable" in messages[0]
+        else:
+            assert messages == []

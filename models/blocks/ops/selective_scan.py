@@ -1,4 +1,5 @@
-"""Selective scan (Mamba-1): a fast portable PyTorch path and dispatch to mamba-ssm's CUDA kernel.
+"""Selective scan (Mamba-1): ops `selective_scan_fn` / `selective_state_update` (mamba-ssm's CUDA kernels on CUDA,
+see `dispatch`) and their fast portable PyTorch twins.
 
 The recurrence, per batch b, channel d and state n (A real, negative):
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .kernels import get_kernel, use_kernels
+from .dispatch import autocast_off, compute_dtype, kernel_op
 
 __all__ = [
     "selective_scan_fn",
@@ -32,11 +33,6 @@ __all__ = [
     "selective_state_update_portable",
     "linear_scan_",
 ]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the scan computes in: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _rows(t: Tensor, first: int, step: int, count: int, reverse: bool) -> Tensor:
@@ -174,6 +170,7 @@ def segment_length(length: int, row_bytes: int) -> int:
     return -(-length // count)
 
 
+@autocast_off
 def selective_scan_tm(
     u: Tensor,
     delta: Tensor,
@@ -228,9 +225,16 @@ def selective_scan_portable(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    *,
     initial_state: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """`selective_scan_fn` in plain PyTorch (argument shapes there); also takes an initial state (B, D, N)."""
+    """Selective scan with mamba-ssm's `selective_scan_fn` signature and semantics, in plain PyTorch.
+
+    u, delta, z: (B, D, L); A: (D, N) real; B, C: (B, N, L) shared or (B, G, N, L) grouped (channel d uses group
+    d // (D / G)); D, delta_bias: (D,). Returns out (B, D, L) in u's dtype, and with `return_last_state` the final
+    state (B, D, N) in float32 (float64 for float64 inputs). The keyword-only `initial_state` (B, D, N) is our
+    extension; the CUDA kernel has none, so with it the portable path runs on every device.
+    """
     if A.is_complex():
         raise NotImplementedError("the portable selective scan supports real A only")
     if B.dim() < 3 or C.dim() < 3:
@@ -256,40 +260,10 @@ def selective_scan_portable(
         time_major_bc(C),
         D,
         None if z is None else rearrange(z, "b d l -> l b d"),
-        initial_state,
+        initial_state=initial_state,
     )
     out = rearrange(y, "l b d -> b d l")
     return (out, last) if return_last_state else out
-
-
-def selective_scan_fn(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    *,
-    initial_state: Tensor | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Selective scan with mamba-ssm's `selective_scan_fn` signature and semantics.
-
-    u, delta, z: (B, D, L); A: (D, N) real; B, C: (B, N, L) shared or (B, G, N, L) grouped (channel d uses group
-    d // (D / G)); D, delta_bias: (D,). Returns out (B, D, L) in u's dtype, and with `return_last_state` the final
-    state (B, D, N) in float32 (float64 for float64 inputs). The keyword-only `initial_state` (B, D, N) is our
-    extension; the CUDA kernel has none, so with it the portable path runs on every device.
-    """
-    if initial_state is None and use_kernels(u):
-        return get_kernel("selective_scan_fn")(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
-        )
-    return selective_scan_portable(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
-    )
 
 
 def selective_state_update_portable(
@@ -304,7 +278,11 @@ def selective_state_update_portable(
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
 ) -> Tensor:
-    """One recurrent step, updating `state` in place; shapes as `selective_state_update`."""
+    """One recurrent step of the selective scan (mamba-ssm's `selective_state_update`), `state` updated in place.
+
+    state: (B, D, N) or (B, H, P, N); x, dt, z: (B, D) or (B, H, P); A: (D, N) or (H, P, N); B, C: (B, N) or
+    (B, G, N); D, dt_bias: (D,) or (H, P). Returns y: x's shape and dtype.
+    """
     heads = state.dim() == 4
     if not heads:
         state, x, dt, A = state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0)
@@ -335,25 +313,6 @@ def selective_state_update_portable(
     return out if heads else out.squeeze(1)
 
 
-def selective_state_update(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
-) -> Tensor:
-    """Single decoding step of the selective scan, mamba-ssm's `selective_state_update` signature.
-
-    state: (B, D, N) or (B, H, P, N), updated in place; x, dt, z: (B, D) or (B, H, P); A: (D, N) or (H, P, N);
-    B, C: (B, N) or (B, G, N); D, dt_bias: (D,) or (H, P). Returns y: x's shape and dtype.
-    """
-    if use_kernels(x):
-        return get_kernel("selective_state_update")(
-            state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
-        )
-    return selective_state_update_portable(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+selective_scan_fn = kernel_op("selective_scan_fn", selective_scan_portable, positional=5,
+                              portable_only=("initial_state",))
+selective_state_update = kernel_op("selective_state_update", selective_state_update_portable, positional=6)

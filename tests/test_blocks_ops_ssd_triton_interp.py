@@ -1,6 +1,6 @@
 """mamba-ssm's real Triton Mamba-2 kernels, run on the CPU by Triton's interpreter, against the references and ours.
 
-Slow (Triton import + interpretation, ~20-30 s): `pytest -m slow tests/test_blocks_triton_interp.py`.
+Slow (Triton import + interpretation, ~20-30 s): `pytest -m slow tests/test_blocks_ops_ssd_triton_interp.py`.
 TRITON_INTERPRET must be set before triton is imported, so the kernels run in a subprocess. To run there,
 `torch.cuda.device` becomes a no-op context, `torch.cuda.get_device_properties` a stand-in with
 `multi_processor_count`, and `triton.autotune` keeps only the first config (nothing to benchmark).
@@ -32,7 +32,7 @@ for name in ("selective_scan_cuda", "causal_conv1d_cuda"):
 torch.set_num_threads(2)
 from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as triton_scan
-from models.blocks.ssd import mamba_chunk_scan_combined_portable as our_scan
+from models.blocks.ops.ssd import mamba_chunk_scan_combined_portable as our_scan
 
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()

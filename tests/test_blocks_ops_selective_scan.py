@@ -6,8 +6,8 @@ import contextlib
 import pytest
 import torch
 
-from models.blocks import kernels
-from models.blocks.scan import linear_scan_, selective_scan_fn, selective_state_update
+from models.blocks.ops.dispatch import route_kernels
+from models.blocks.ops.selective_scan import linear_scan_, selective_scan_fn, selective_state_update
 
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -204,11 +204,11 @@ def test_kernel_route_gets_every_argument(mamba_ref):
     inputs = make_inputs(2, 4, 3, 10, 2, torch.float32, seed=11)
     seen = []
 
-    def spy(*args):
-        seen.append(args)
-        return mamba_ref.selective_scan_ref(*args)
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        return mamba_ref.selective_scan_ref(*args, **kwargs)
 
-    with kernels.route_kernels({"selective_scan_fn": spy}):
+    with route_kernels({"selective_scan_fn": spy}):
         out_k, last_k = selective_scan_fn(**inputs, delta_softplus=True, return_last_state=True)
     out, last = selective_scan_fn(**inputs, delta_softplus=True, return_last_state=True)
     assert len(seen) == 1
@@ -220,7 +220,7 @@ def test_kernel_route_gets_every_argument(mamba_ref):
 def test_time_segments_match_the_reference(mamba_ref, monkeypatch, groups):
     """Long inputs are scanned in time segments with the state carried across: force 16-row segments (L=75 ->
     5 segments of 15) and check outputs, final state and all gradients."""
-    from models.blocks import scan
+    from models.blocks.ops import selective_scan as scan
 
     monkeypatch.setattr(scan, "SEGMENT_BYTES", 1)
     assert scan.segment_length(75, 10**6) == 15
