@@ -280,18 +280,21 @@ class DeMansia2Config(BaseConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # Every preset carries the whole architecture, so a preset listed after another replaces its network entirely:
-        # `published` alone is the published Tiny, `published,small` the published recipe on our Small. CPU demo: 64 px images, 8x8 tokens, 4 layers (attention at 2); ~0.2M parameters.
+        # `published` alone is the published Tiny, `published,small` the published recipe on our Small.
+        # micro, the CPU preset: 64 px images, 4x4 tokens (stem stride 16), 4 layers (attention at 2), ~0.3M parameters,
+        # no MixToken. Measured on real images (benchmarks/RESULTS.md "Real data"): 8x8 tokens cost ~3x the CPU time
+        # per epoch and MixToken halves what a few epochs learn; together they put micro below a CNN of its size.
         "micro": dict(d_model=64, depth=4, attn_layers=(2,), num_heads=2, attn_head_dim=32, rotary_dim=16,
-                      d_state=16, d_conv=4, expand=2, headdim=16, chunk_size=64, image_size=64, patch_size=4,
+                      d_state=16, d_conv=4, expand=2, headdim=16, chunk_size=64, image_size=64, patch_size=8,
                       stem_channels=32, num_classes=10, scan_mode="bidirectional",
                       epochs=5, batch_size=32, lr=1e-3, warmup_epochs=1.0, weight_decay=0.05, ema_decay=0.99,
-                      randaugment="", random_erasing=0.0, crop_scale_min=0.5, num_workers=2),
+                      mix_token=False, randaugment="", random_erasing=0.0, crop_scale_min=0.5, num_workers=2),
         "tiny": dict(d_model=192, depth=24, attn_layers=(10, 20), num_heads=3, attn_head_dim=96, rotary_dim=48,
                      d_state=128, d_conv=4, expand=2, headdim=48, chunk_size=64, image_size=224, patch_size=8,
-                     stem_channels=64, num_classes=1000, scan_mode="bidirectional"),
+                     stem_channels=64, num_classes=1000, scan_mode="bidirectional", mix_token=True),
         "small": dict(d_model=384, depth=24, attn_layers=(10, 20), num_heads=6, attn_head_dim=96, rotary_dim=48,
                       d_state=128, d_conv=4, expand=2, headdim=96, chunk_size=64, image_size=224, patch_size=8,
-                      stem_channels=64, num_classes=1000, scan_mode="bidirectional"),
+                      stem_channels=64, num_classes=1000, scan_mode="bidirectional", mix_token=True),
         # The published network (Tiny, chunk 256, the channel-flip "bidirectional" mixer) and recipe (UPSTREAM.md).
         "published": dict(d_model=192, depth=24, attn_layers=(10, 20), num_heads=3, attn_head_dim=96, rotary_dim=48,
                           d_state=128, d_conv=4, expand=2, headdim=48, chunk_size=256, image_size=224, patch_size=8,

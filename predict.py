@@ -58,7 +58,7 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.verb not in commands:
         raise unknown("command", args.verb, commands)
-    return commands[args.verb].run(model, args)
+    return commands[args.verb](model, args)
 
 
 def main(argv: list[str] | None = None) -> int:

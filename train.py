@@ -250,11 +250,16 @@ def run(argv: list[str] | None = None, extra_callbacks: list | None = None) -> d
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = dm_cls(cfg, data_dir=args.data_dir)
+    if args.describe_data:  # reading only: no caches written (prepare_data), no run folder
+        import contextlib
+
+        # With --json, stdout holds the JSON only: what the reader prints while reading goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            datamodule.setup("fit")
+            info = datamodule.describe()
+        return {"data": print_description(info, args.json, entry.name, args.data_dir or "built-in demo data")}
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if args.describe_data:
-        return {"data": print_description(datamodule.describe(), args.json, entry.name,
-                                          args.data_dir or "built-in demo data")}
     data_fields = datamodule.config_overrides()
     if ckpt is None:
         cfg = cfg.replace(**data_fields)

@@ -46,7 +46,7 @@ def main() -> None:
         argv += ["--set", f"ema_decay={args.decay}"] if args.decay else []
         train.run(argv, extra_callbacks=[cb])
         curves[warmup] = cb.rows
-    print(f"\n| epoch | EMA top-1, warm-up (default) | EMA top-1, constant decay (published) | raw top-1 |")
+    print("\n| epoch | EMA top-1, warm-up (default) | EMA top-1, constant decay (published) | raw top-1 |")
     print("|---|---|---|---|")
     for i, ((w, raw), (c, _)) in enumerate(zip(curves[True], curves[False])):
         print(f"| {i} | {w:.3f} | {c:.3f} | {raw:.3f} |")

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=["encoders", "block"], default=None)
-    p.add_argument("--block-size", type=int, default=28, help="block input height = width (VMamba-T stage 2: 28)")
+    p.add_argument("--block-size", type=int, default=28, help="block input height = width (L = size^2 tokens)")
     p.add_argument("--block-dim", type=int, default=96)
     p.add_argument("--block-batch", type=int, default=2)
     args = p.parse_args(argv)

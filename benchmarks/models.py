@@ -57,11 +57,37 @@ class Row:
     sizes: tuple[int, ...]  # image sizes the network takes
 
 
+class Denoiser(nn.Module):
+    """A diffusion U-Net `(x, t) -> prediction` as an image model: a fixed mid-chain timestep for every image."""
+
+    def __init__(self, unet: nn.Module, t: int = 500):
+        super().__init__()
+        self.unet, self.t = unet, t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, torch.full((x.shape[0],), self.t, dtype=torch.long))
+
+
+def palm_unet(preset: str, mixer: str) -> Callable[[int], nn.Module]:
+    """The palm task's denoiser at `preset` (`mixer="attention"`: the library's published Unet at the same size)."""
+
+    def make(size: int) -> nn.Module:
+        from model_config import PalmConfig
+        from models.palm.model import build_unet
+
+        return Denoiser(build_unet(PalmConfig.from_presets(preset).replace(image_size=size, mixer=mixer)))
+
+    return make
+
+
 # Peers, by name: the models a user would pick instead.
 PEERS: dict[str, Callable[[int], nn.Module]] = {
     "deit_tiny_patch16_224": timm_model("deit_tiny_patch16_224", sized=True),
     "mambaout_femto": timm_model("mambaout_femto", sized=False),
     "resnet18": timm_model("resnet18", sized=False),
+    "convnext_tiny": timm_model("convnext_tiny", sized=False),
+    "resnet50": timm_model("resnet50", sized=False),
+    "palm Unet, library attention (tiny)": palm_unet("tiny", "attention"),
 }
 ROWS: list[Row] = [
     Row("deit_tiny_patch16_224", PEERS["deit_tiny_patch16_224"], "deit_tiny_patch16_224", (224, 512, 1024)),
@@ -69,6 +95,9 @@ ROWS: list[Row] = [
     Row("face_mamba_tiny", timm_model("face_mamba_tiny", sized=True), "deit_tiny_patch16_224", (112, 224)),
     Row("efficientnet_b0 (agegender default)", timm_model("efficientnet_b0", sized=False), "resnet18",
         (224, 512, 1024)),
+    Row("vmamba_tiny_v0 (hand encoder)", timm_model("vmamba_tiny_v0", sized=False), "convnext_tiny", (224, 512)),
+    Row("resnet50", PEERS["resnet50"], "convnext_tiny", (224, 512)),
+    Row("palm Unet + VSS (tiny)", palm_unet("tiny", "vss"), "palm Unet, library attention (tiny)", (64, 128)),
     Row("mambaout_femto", PEERS["mambaout_femto"], "deit_tiny_patch16_224", (224, 512, 1024)),
     Row("resnet18", PEERS["resnet18"], "deit_tiny_patch16_224", (224, 512, 1024)),
 ]

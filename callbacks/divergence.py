@@ -54,14 +54,19 @@ class DivergenceGuard(L.Callback):
         step = trainer.global_step
         where = f"step {step} (epoch {trainer.current_epoch}, batch {batch_idx})"
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        # Only loss values mean divergence: an epoch-level metric computed before any update this process (e.g. a
+        # torchmetrics MAE right after resuming at an epoch's end) is NaN without anything being wrong.
         bad = []
         for key, value in trainer.callback_metrics.items():
-            if key.startswith("train") and isinstance(value, torch.Tensor) and value.numel() == 1:
+            if key.startswith("train") and "loss" in key and isinstance(value, torch.Tensor) and value.numel() == 1:
                 v = float(value)
                 if not math.isfinite(v):
                     bad.append(f"{key} = {v}")
-        if not bad and isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
-            bad.append(f"the training loss is {loss.detach().float().mean().item()}")
+        if isinstance(loss, torch.Tensor):
+            if bool(torch.isfinite(loss.detach()).all()):
+                bad = []  # the step's own loss is finite: a non-finite value above is a stale epoch aggregate
+            elif not bad:
+                bad.append(f"the training loss is {loss.detach().float().mean().item()}")
         if bad:
             raise DivergenceError(f"Training diverged at {where}: {'; '.join(bad)}. {self._kept(trainer)} "
                                   f"{self._advice()}")
@@ -73,8 +78,10 @@ class DivergenceGuard(L.Callback):
                                       f"optimizer step ({_names(names)}). {self._kept(trainer)} {self._advice()}")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        bad = nonfinite_tensors(checkpoint.get("state_dict")) + [
-            f"{k} (raw weights)" for k in nonfinite_tensors(checkpoint.get("current_model_state"))]
+        # Parameters only: a buffer may hold NaN on purpose (e.g. the face task's "no best score yet").
+        params = {n for n, _ in pl_module.named_parameters()}
+        bad = [k for k in nonfinite_tensors(checkpoint.get("state_dict")) if k in params] + [
+            f"{k} (raw weights)" for k in nonfinite_tensors(checkpoint.get("current_model_state")) if k in params]
         if bad:
             raise DivergenceError(f"Training diverged by step {trainer.global_step}: refusing to write a checkpoint "
                                   f"with non-finite weights ({_names(bad)}). {self._kept(trainer)} {self._advice()}")

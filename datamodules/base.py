@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.samplers import EpochShuffleSampler, SeededItems, SeededSampler
+from datamodules.samplers import EpochShuffleSampler, RankShardSampler, SeededItems, SeededSampler, data_parallel_rank
 from zoo.errors import ZooError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +112,8 @@ class ZooDataModule(L.LightningDataModule):
         `set_epoch`, or a resumed run will not see the same batches. The training sampler is wrapped in
         `SeededSampler` and the dataset in `SeededItems`, so random augmentations in `__getitem__` (Python's
         `random`, NumPy's and torch's global RNGs) are reproducible per item across resumes and worker counts.
+        Under DDP each sampler shards by rank itself (Lightning's sampler injection is off): training samplers
+        take every world-th item or batch, evaluation loaders read one contiguous block per rank (`RankShardSampler`).
         """
         workers = int(self.cfg.num_workers)
         args: dict[str, Any] = dict(
@@ -127,6 +129,10 @@ class ZooDataModule(L.LightningDataModule):
                 args.pop(k)
         elif train and "sampler" not in kwargs:
             args["sampler"] = EpochShuffleSampler(dataset, int(self.cfg.seed))
+        elif not train and "sampler" not in kwargs and data_parallel_rank()[0] > 1:
+            # Lightning's injected DistributedSampler is off (zoo.trainer): it would pad with repeated items and
+            # interleave them, and cannot shard a batch sampler of ours.
+            args["sampler"] = RankShardSampler(len(dataset))
         args.update(kwargs)
         if train and args.get("drop_last") and args.get("batch_size") and len(dataset) < args["batch_size"]:
             raise ZooError(f"The training set has {len(dataset)} item(s), fewer than one batch of {args['batch_size']}"
@@ -136,6 +142,6 @@ class ZooDataModule(L.LightningDataModule):
             # Each item's augmentation is drawn from a seed = f(seed, epoch, position), not from the worker's RNG:
             # resumed runs (fresh workers) and any worker count see the same augmentations.
             key = "batch_sampler" if args.get("batch_sampler") is not None else "sampler"
-            args[key] = SeededSampler(args[key], int(self.cfg.seed))
+            args[key] = SeededSampler(args[key], int(self.cfg.seed) + 7919 * data_parallel_rank()[1])  # ranks differ
             dataset = SeededItems(dataset)
         return StatefulDataLoader(dataset, **args)

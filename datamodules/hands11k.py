@@ -334,11 +334,7 @@ class Hands11kDataModule(ZooDataModule):
         csv_path, folder = find_layout(self.root)
         records = read_hand_info(csv_path)
         dropped: Counter = Counter()
-        aspects = tuple(a.lower() for a in cfg.aspects)
-        unknown = [a for a in aspects if a not in ASPECTS]
-        if unknown:
-            raise ZooError(f"--set aspects: unknown aspect(s) {', '.join(map(repr, unknown))}; choose among "
-                           f"{', '.join(ASPECTS)} (comma-separated), or leave empty for all four.")
+        aspects = tuple(a.lower() for a in cfg.aspects)  # names validated with the config (HandConfig.CHECKS)
         kept = []
         for r in records:
             if not cfg.keep_accessories and r.accessories:

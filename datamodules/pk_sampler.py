@@ -15,19 +15,36 @@ class PKBatchSampler:
     a label's indices are drawn in a shuffled cycle too, with repeats only when it has fewer than K of them.
     An epoch has `len(labels) // (P * K)` batches (at least one), i.e. about one pass over the data.
 
+    Under data-parallel training each rank builds the same epoch (same seed) of `num_replicas` times its own batch
+    count and takes every `num_replicas`-th batch from `rank`: the ranks together see one pass, without overlap.
+
     Args:
         labels: the label of each dataset index.
         batch_size: P * K; P = batch_size // K, capped at the number of labels.
         k: images per label in a batch (K >= 1).
         seed: base seed; the epoch is added to it.
+        num_replicas, rank: the data-parallel world size and this process's rank (default: from
+            `torch.distributed` when it is initialised, else 1 and 0).
     """
 
-    def __init__(self, labels: Sequence[int], batch_size: int, k: int, seed: int = 0):
+    def __init__(self, labels: Sequence[int], batch_size: int, k: int, seed: int = 0,
+                 num_replicas: int | None = None, rank: int | None = None):
         labels = np.asarray(labels)
         self.k = max(1, int(k))
         self.by_label = [np.flatnonzero(labels == c) for c in np.unique(labels)]
         self.p = max(1, min(int(batch_size) // self.k, len(self.by_label)))
-        self.num_batches = max(1, len(labels) // (self.p * self.k))
+        if num_replicas is None or rank is None:
+            import torch.distributed as dist
+
+            ready = dist.is_available() and dist.is_initialized()
+            if num_replicas is None:
+                num_replicas = dist.get_world_size() if ready else 1
+            if rank is None:
+                rank = dist.get_rank() if ready else 0
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        self.num_batches = max(1, len(labels) // (self.p * self.k * self.num_replicas))
         self.seed = int(seed)
         self.epoch = 0
         self._start = 0  # batches of the current epoch already yielded before a resume
@@ -48,7 +65,7 @@ class PKBatchSampler:
         cursors = [0] * len(pools)
         label_queue: list[int] = []
         batches = []
-        for _ in range(self.num_batches):
+        for _ in range(self.num_batches * self.num_replicas):
             chosen: list[int] = []
             while len(chosen) < self.p:
                 if not label_queue:
@@ -68,7 +85,7 @@ class PKBatchSampler:
                     batch.append(int(pool[cursors[c]]))
                     cursors[c] += 1
             batches.append(batch)
-        return batches
+        return batches[self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self._start = self._start, 0

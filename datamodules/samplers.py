@@ -11,8 +11,19 @@ import torch
 from torch.utils.data import Sampler
 
 
+def data_parallel_rank() -> tuple[int, int]:
+    """(world size, rank) of `torch.distributed` when it is initialised (under DDP), else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 class EpochShuffleSampler(Sampler[int]):
-    """Random permutation of `range(len(data))` drawn from `seed + epoch`.
+    """Random permutation of `range(len(data))` drawn from `seed + epoch`; under DDP (`num_replicas` > 1) every rank
+    draws the same permutation, padded with its first items to a multiple of `num_replicas`, and takes every
+    `num_replicas`-th item from `rank` (as torch's DistributedSampler does).
 
     Lightning calls `set_epoch` at the start of every epoch (as for DistributedSampler). The iterator is stateful
     (epoch, position), so torchdata's StatefulDataLoader restores it mid-epoch with the right permutation whatever
@@ -20,18 +31,25 @@ class EpochShuffleSampler(Sampler[int]):
     iterators (and worker seeds) this process has drawn.
     """
 
-    def __init__(self, data: Sized, seed: int = 0):
+    def __init__(self, data: Sized, seed: int = 0, num_replicas: int | None = None, rank: int | None = None):
         self.data, self.seed, self.epoch = data, int(seed), 0
+        world, here = data_parallel_rank()
+        self.num_replicas = int(world if num_replicas is None else num_replicas)
+        self.rank = int(here if rank is None else rank)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return -(-len(self.data) // self.num_replicas)
 
     def permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.data), generator=g).tolist()
+        perm = torch.randperm(len(self.data), generator=g).tolist()
+        if self.num_replicas == 1:
+            return perm
+        perm += perm[:len(self) * self.num_replicas - len(perm)]
+        return perm[self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         return _EpochShuffleIterator(self)
@@ -60,6 +78,29 @@ class _EpochShuffleIterator(Iterator[int]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.yielded, self._perm = int(state["epoch"]), int(state["yielded"]), None
         self.sampler.epoch = self.epoch
+
+
+class RankShardSampler(Sampler[int]):
+    """Evaluation order under DDP: rank r reads the r-th contiguous block of `range(n)`, without padding, so
+    concatenating what the ranks gathered in rank order gives back every item once, in the single-process order.
+
+    Args:
+        n: dataset length.
+        num_replicas, rank: default from `torch.distributed` (see `data_parallel_rank`).
+    """
+
+    def __init__(self, n: int, num_replicas: int | None = None, rank: int | None = None):
+        world, here = data_parallel_rank()
+        world = int(world if num_replicas is None else num_replicas)
+        here = int(here if rank is None else rank)
+        per = -(-int(n) // world)
+        self.start, self.stop = min(n, here * per), min(n, (here + 1) * per)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
 
 
 # ----- per-item augmentation seeds -----

@@ -7,8 +7,8 @@ import torch
 
 from datamodules.utkface_demo import draw_face, sample_age
 from losses.multitask import AgeGenderLoss
-from models.agegender.module import AgeGender
 from models.agegender.metrics import AgeGenderMetrics
+from models.agegender.module import AgeGender
 
 
 def test_loss_terms_and_weights():

@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 
-from models import backbones
 from models.backbones import backbone_data_config, create_backbone, local_weights
 from zoo.errors import ZooError
 

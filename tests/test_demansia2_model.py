@@ -161,5 +161,5 @@ def test_timm_micro_features_and_heads():
     assert model.forward_head(feats, pre_logits=True).shape == (2, d)
     fx = timm.create_model("demansia2_micro", features_only=True, depth=3, attn_layers=(1,), out_indices=(1, 2))
     maps = fx(x)
-    assert [tuple(m.shape) for m in maps] == [(2, d, 8, 8)] * 2  # 64 px / 8 = 8x8 tokens
-    assert fx.feature_info.channels() == [d, d] and fx.feature_info.reduction() == [8, 8]
+    assert [tuple(m.shape) for m in maps] == [(2, d, 4, 4)] * 2  # micro: 64 px / stride 16 = 4x4 tokens
+    assert fx.feature_info.channels() == [d, d] and fx.feature_info.reduction() == [16, 16]

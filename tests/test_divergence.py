@@ -64,7 +64,7 @@ def test_task_divergence_stops_and_keeps_last_good_checkpoint(task, tmp_path, mo
     code, message = _main(["--model", task, "--preset", "micro", "--logger", "none", "--progress", "none",
                            "--epochs", "1", "--batch-size", "4", "--limit-train-batches", "4",
                            "--limit-val-batches", "1", "--num-workers", "0", "--ckpt-every-n-steps", "1",
-                           "--run-name", "r"], [poison], capsys)
+                           "--set", "image_size=32", "--run-name", "r"], [poison], capsys)
     assert code == 2
     assert "diverged at step 3" in message and "nan" in message.lower(), message
     last = tmp_path / task / "r" / "last.ckpt"

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from zoo import export as export_mod
-from zoo.export import ExportSpec, export_and_check, run_onnx
 from zoo.errors import ZooError
+from zoo.export import ExportSpec, export_and_check, run_onnx
 
 
 class TwoOutputs(nn.Module):

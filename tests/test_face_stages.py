@@ -5,11 +5,11 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from test_face_train import TINY
 
 import train
 from datamodules.lfw import LFWDataModule
 from model_config import FaceConfig
-from test_face_train import TINY
 
 
 class Scripted(L.Callback):

@@ -123,7 +123,7 @@ def test_filters_aspects_and_accessories(hands):
     d = dm.describe()
     assert set(k for k, v in d["val_per_aspect"].items() if v) == {"dorsal left"}
     assert "accessories" not in d["dropped"] and d["dropped"]["aspect_filter"] > 0
-    with pytest.raises(ZooError, match="unknown aspect.*'palm'"):
+    with pytest.raises(ZooError, match=r"aspects element 0 \('palm'\) must be an aspect: palmar right"):
         Hands11kDataModule(cfg(aspects=("palm",)), hands).setup("fit")
 
 

@@ -42,8 +42,9 @@ def test_every_size_preset_sets_the_same_architecture_fields(name):
     config = REGISTRY[name].config
     sizes = [p for p in config.PRESETS if p in ("micro", "tiny", "small", "base")]
     common = set.intersection(*(set(config.PRESETS[p]) for p in sizes))
-    recipe = {"epochs", "batch_size", "lr", "warmup_epochs", "weight_decay", "ema_decay", "randaugment",
-              "random_erasing", "crop_scale_min", "num_workers", "accumulate", "min_lr", "optimizer", "betas"}
+    recipe = {"epochs", "batch_size", "lr", "warmup_epochs", "warmup_lr", "weight_decay", "ema_decay", "ema_warmup",
+              "randaugment", "random_erasing", "crop_scale_min", "num_workers", "accumulate", "min_lr", "optimizer",
+              "betas", "mix_token", "label_smoothing", "drop_path", "augment", "scheduler", "sched_interval"}
     model_fields = {k for p in sizes for k in config.PRESETS[p]} - recipe
     assert model_fields <= common, f"set by some size presets only: {sorted(model_fields - common)}"
 

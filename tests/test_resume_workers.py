@@ -58,6 +58,8 @@ def _crash_and_resume(common, name, step, at, kind, monkeypatch, ckpt_root):
 TASK_ARGS = ["--logger", "none", "--progress", "none", "--preset", "micro", "--epochs", "2", "--batch-size", "4",
              "--limit-train-batches", "4", "--limit-val-batches", "1", "--num-workers", "2",
              "--ckpt-every-n-steps", "2"]
+# 32 px keeps every task's micro network at a few tokens (palm's micro preset is 32 px already).
+SMALL_IMAGES = ["--set", "image_size=32"]
 
 
 @pytest.mark.parametrize("task", READY)
@@ -67,7 +69,7 @@ def test_task_resume_exact_with_workers(task, tmp_path, monkeypatch):
     import zoo.trainer
 
     monkeypatch.setattr(zoo.trainer, "CHECKPOINT_ROOT", tmp_path)
-    common = ["--model", task, *TASK_ARGS]
+    common = ["--model", task, *TASK_ARGS, *SMALL_IMAGES]
     full = train.run(common + ["--run-name", "full"])
     assert full["trainer"].global_step == 8
     ref = _state(full)

@@ -12,8 +12,8 @@ from torch import nn
 
 from datamodules.base import ZooDataModule
 from model_config import BaseConfig, ModelEntry
-from zoo.module import ZooModule
 from zoo.errors import ZooError
+from zoo.module import ZooModule
 
 
 @dataclass

@@ -243,7 +243,7 @@ def safetensors_command() -> Command:
         _format_arguments(p, ["safetensors"], "file to write (default: next to the checkpoint, .safetensors)")
 
     return Command("export", "write the weights + config as one .safetensors file (no pickle)", add_arguments,
-                   write_safetensors)
+                   write_safetensors, inference=False)
 
 
 def export_command(prepare: Callable[[Any, argparse.Namespace], ExportSpec], help_extra: str = "") -> Command:
@@ -275,5 +275,5 @@ def export_command(prepare: Callable[[Any, argparse.Namespace], ExportSpec], hel
         return 0
 
     return Command("export", "write fp32 + int8 ONNX and check them against PyTorch, or --format safetensors"
-                   + help_extra, add_arguments, run)
+                   + help_extra, add_arguments, run, inference=False)
 

@@ -189,6 +189,7 @@ def build_trainer(opts: RunOptions, config: dict[str, Any], write_run_dir: bool 
         devices=opts.devices,
         num_nodes=opts.num_nodes,
         strategy=opts.strategy,
+        use_distributed_sampler=False,  # our samplers shard by rank themselves (datamodules/samplers.py)
         precision=opts.precision or default_precision(),
         accumulate_grad_batches=opts.accumulate,
         gradient_clip_val=opts.grad_clip or None,

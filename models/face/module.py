@@ -16,6 +16,23 @@ from models.face.model import FaceEmbeddingNet
 from zoo.module import ZooModule
 
 
+def gather_rows(tensors: list[Tensor], all_gather, world_size: int) -> list[Tensor]:
+    """Concatenate each rank's rows of every tensor in rank order (tensors: (N_rank, ...) on each rank, N_rank may
+    differ): `all_gather(t)` stacks a same-shaped tensor from every rank into (world_size, ...). With contiguous
+    per-rank shards (datamodules.samplers.RankShardSampler) the result is the single-process order. Returns CPU
+    tensors; with world_size 1 the inputs unchanged."""
+    if world_size <= 1:
+        return list(tensors)
+    counts = all_gather(torch.tensor([len(tensors[0])])).reshape(world_size).tolist()
+    most = int(max(counts))
+    out = []
+    for t in tensors:
+        pad = t.new_zeros((most - len(t), *t.shape[1:]))
+        stacked = all_gather(torch.cat([t, pad])).reshape(world_size, most, *t.shape[1:]).cpu()
+        out.append(torch.cat([stacked[r, :int(n)] for r, n in enumerate(counts)]))
+    return out
+
+
 class FaceEmbedder(ZooModule):
     """Face-embedding LightningModule (task "face"): `model(images (B, 3, S, S)) -> (B, D)` unit embeddings.
 
@@ -179,6 +196,7 @@ class FaceEmbedder(ZooModule):
         if 0 in outputs:
             emb = torch.cat([e for e, _ in outputs[0]])
             labels = torch.cat([y for _, y in outputs[0]])
+            emb, labels = self._gather(emb, labels)
             for name, value in retrieval_metrics(emb, labels).items():
                 self.log(f"{prefix}/{name}", value, prog_bar=name == "precision_at_1")
                 logged[f"{prefix}/{name}"] = float(value)
@@ -192,6 +210,7 @@ class FaceEmbedder(ZooModule):
         if 1 in outputs and pairs:
             emb = torch.cat([e for e, _ in outputs[1]])
             index = torch.cat([y for _, y in outputs[1]])
+            emb, index = self._gather(emb, index)
             images = self.trainer.datamodule.pair_images
             if len(torch.unique(index)) < len(images):  # e.g. --limit-val-batches: not every pair can be scored
                 return logged
@@ -202,6 +221,12 @@ class FaceEmbedder(ZooModule):
             self.log(f"{prefix}/verif_auc", result.auc)
             logged.update({f"{prefix}/verif_acc": float(result.mean), f"{prefix}/verif_auc": float(result.auc)})
         return logged
+
+    def _gather(self, *tensors: Tensor) -> list[Tensor]:
+        """Under DDP every rank scores the whole split: its rows gathered from all ranks, in rank order."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return gather_rows([t.to(self.device) for t in tensors] if world > 1 else list(tensors),
+                           lambda t: self.all_gather(t.to(self.device)), world)
 
     # ----- checkpoints -----
     def on_load_checkpoint(self, checkpoint) -> None:

@@ -22,7 +22,8 @@ HEADS = ("identity", "gender", "age")
 def protocol_tables(outputs: dict[str, Tensor], draws: int = 10, seed: int = 0) -> dict[str, dict[str, float]]:
     """Metrics overall and per aspect from concatenated outputs (identity/gender/age logits, embedding, and the
     targets identity_t, gender_t, age_t, person, aspect): {"overall" | aspect: {"identity_acc", "identity_f1", ...,
-    "identity_top5", "rank1", "rank5", "mAP"}}. Retrieval is per aspect (gallery and queries of one aspect)."""
+    "identity_top5", "rank1", "rank5", "mAP"}}. Retrieval is per aspect (gallery and queries of one aspect;
+    overall pools the aspects when no subject has two images of one aspect, as in small validation splits)."""
     tables: dict[str, dict[str, float]] = {}
     aspect = outputs["aspect"]
     for name, keep in [("overall", torch.ones_like(aspect, dtype=torch.bool))] + [
@@ -33,7 +34,11 @@ def protocol_tables(outputs: dict[str, Tensor], draws: int = 10, seed: int = 0) 
         for head in HEADS:
             for k, v in classification_metrics(outputs[head][keep], outputs[f"{head}_t"][keep], head == "identity").items():
                 row[f"{head}_{k}"] = v
-        row.update(open_set_metrics(outputs["embedding"][keep], outputs["person"][keep], aspect[keep], draws, seed))
+        retrieval = open_set_metrics(outputs["embedding"][keep], outputs["person"][keep], aspect[keep], draws, seed)
+        if name == "overall" and retrieval["rank1"] != retrieval["rank1"]:
+            # No subject has two images of one aspect (a small split): pool the aspects instead of reporting NaN.
+            retrieval = open_set_metrics(outputs["embedding"], outputs["person"], None, draws, seed)
+        row.update(retrieval)
         tables[name] = row
     return tables
 

@@ -1,0 +1,92 @@
+"""Face validation under DDP: each rank embeds its own block of the split, the rows are gathered across ranks before
+retrieval metrics and threshold calibration, and the training samplers shard by rank. Two real gloo processes on
+the CPU (torch.multiprocessing) must give the 1-process metrics exactly."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from datamodules.pk_sampler import PKBatchSampler
+from datamodules.samplers import EpochShuffleSampler, RankShardSampler
+from models.face.metrics import calibrate_threshold, retrieval_metrics
+from models.face.module import gather_rows
+
+N, CLASSES, DIM = 37, 6, 8  # 37: the two ranks' blocks differ in length (19 + 18)
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, CLASSES, (N,), generator=g)
+    centres = torch.nn.functional.normalize(torch.randn(CLASSES, DIM, generator=g), dim=1)
+    emb = torch.nn.functional.normalize(centres[labels] + 0.6 * torch.randn(N, DIM, generator=g), dim=1)
+    return emb, labels
+
+
+def _metrics(emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    out = {k: float(v) for k, v in retrieval_metrics(emb, labels).items()}
+    out["threshold"], out["pair_balanced_acc"] = (float(x) for x in calibrate_threshold(emb, labels))
+    return out
+
+
+def _all_gather(t: torch.Tensor) -> torch.Tensor:  # what LightningModule.all_gather returns: (world, ...)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.stack(parts)
+
+
+def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        emb, labels = _data()
+        mine = list(RankShardSampler(N))  # world and rank from torch.distributed
+        emb_all, labels_all = gather_rows([emb[mine], labels[mine]], _all_gather, world)
+        pk = PKBatchSampler(labels.tolist(), batch_size=4, k=2, seed=3)
+        shuffle = EpochShuffleSampler(range(N), seed=5)
+        torch.save({"metrics": _metrics(emb_all, labels_all), "rows": emb_all, "mine": mine,
+                    "pk": list(pk), "shuffle": list(shuffle)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_give_the_single_process_metrics(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    emb, labels = _data()
+    single = _metrics(emb, labels)
+
+    assert r0["mine"] == list(range(19)) and r1["mine"] == list(range(19, N))
+    assert torch.equal(r0["rows"], emb) and torch.equal(r1["rows"], emb)
+    assert r0["metrics"] == single and r1["metrics"] == single, (r0["metrics"], single)
+    assert 0 < single["precision_at_1"] < 1  # the data is neither trivial nor random
+
+    # P x K: the ranks split the same epoch of batches between them (every other batch), none shared
+    global_batches = list(PKBatchSampler(labels.tolist(), batch_size=4, k=2, seed=3, num_replicas=1, rank=0))
+    assert len(r0["pk"]) == len(r1["pk"]) == len(global_batches) // 2
+    both = PKBatchSampler(labels.tolist(), batch_size=4, k=2, seed=3, num_replicas=2, rank=0)._epoch_batches
+    assert r0["pk"] == both()
+    assert not {tuple(b) for b in r0["pk"]} & {tuple(b) for b in r1["pk"]}
+    for batch in r0["pk"] + r1["pk"]:
+        assert len({int(labels[i]) for i in batch}) == 2  # P = 4 // K distinct labels, K = 2 images each
+
+    # the training shuffle: one permutation of every index, split between the ranks
+    assert len(r0["shuffle"]) == len(r1["shuffle"]) == 19
+    assert set(r0["shuffle"]) | set(r1["shuffle"]) == set(range(N))
+
+
+def test_single_process_is_unchanged():
+    emb, labels = _data()
+    assert list(RankShardSampler(N)) == list(range(N))
+    assert gather_rows([emb, labels], None, 1)[0] is emb
+    shuffle = EpochShuffleSampler(range(N), seed=5)
+    g = torch.Generator().manual_seed(5 * 1_000_003 + 0)
+    assert list(shuffle) == torch.randperm(N, generator=g).tolist()
+    assert len(PKBatchSampler(labels.tolist(), batch_size=4, k=2, seed=3)) == N // 4
