@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.overrides:
         common += ["--set", kv]
     with tempfile.TemporaryDirectory() as tmp:
+        import zoo.trainer
+
+        zoo.trainer.CHECKPOINT_ROOT = Path(tmp) / "checkpoints"  # the rows' checkpoints go with the temporary folder
         data_dir = args.data_dir.expanduser().resolve()
         if args.task == "demansia2":
             data_dir = imagefolder_split(data_dir, Path(tmp))

@@ -208,6 +208,10 @@ class SeededItems(torch.utils.data.Dataset):
         if not isinstance(item, tuple):
             return self.dataset[item]
         index, seed = item
+        # Albumentations (2.x) draws from its own generators, not the global ones: seed them too.
+        transform = getattr(self.dataset, "transform", None)
+        if callable(getattr(transform, "set_random_seed", None)):
+            transform.set_random_seed(seed % 2**32)
         if torch.utils.data.get_worker_info() is not None:
             _seed_all(seed)
             return self.dataset[index]

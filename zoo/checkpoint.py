@@ -84,6 +84,8 @@ def safe_load(path: str | Path, what: str = "checkpoint", trust: bool = False, f
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         types = unsafe_types(path) or re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if not types:  # not a refused type: the file is corrupt or not a torch file; callers word that
+            raise
         raise refusal(path, types, what, flag) from None
 
 
