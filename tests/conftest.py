@@ -92,3 +92,13 @@ def toy_registered(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo.trainer, "CHECKPOINT_ROOT", tmp_path / "checkpoints")
     monkeypatch.setenv("ZOO_DEMO_DIR", str(tmp_path / "demo"))
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of micro networks: they gain nothing from more, and on a loaded CPU the
+    OpenMP spin of a second thread costs up to 10x (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -72,9 +72,10 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv[:sep])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [root, os.path.join(root, "tests")]
+    from toy_task import ENTRY
+
     import model_config
     import train
-    from toy_task import ENTRY
 
     model_config.REGISTRY.setdefault("toy", ENTRY)
     sys.argv = [os.path.join(root, "train.py"), *argv[sep + 1:]]

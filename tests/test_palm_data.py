@@ -11,14 +11,7 @@ from datamodules.palms import PalmDataModule, resize_center_crop, scan_palms
 from model_config import PalmConfig
 from zoo.errors import ZooError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Micro networks gain nothing from intra-op threads, and on a shared CPU the OpenMP spin costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(**kw) -> PalmConfig:

@@ -20,13 +20,7 @@ TINY_FLAGS = ["--set", "image_size=16", "--set", "unet_dim=8", "--set", "dim_mul
               "--set", "ema_decay=0.9", "--batch-size", "16", "--lr", "3e-3", "--logger", "none", "--progress", "none"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Micro networks gain nothing from intra-op threads, and on a shared CPU the OpenMP spin costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,7 @@ from models.palm.module import PalmDiffusion
 from models.palm.sampling import ddim_sample
 from zoo.errors import ZooError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Micro networks gain nothing from intra-op threads, and on a shared CPU the OpenMP spin costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 16 px, two stages, 20 timesteps: the smallest network with a VSS level, a down- and an up-sampling.
 TINY = dict(image_size=16, unet_dim=8, dim_mults=(1, 2), vss_levels=1, vss_d_state=4, timesteps=20, sampling_steps=4)

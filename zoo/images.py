@@ -231,6 +231,19 @@ def load_each(paths: Iterable[str | Path]) -> tuple[list[tuple[Path, np.ndarray]
     return loaded, failed
 
 
+def loaded_batches(paths: Sequence[str | Path], batch_size: int, failed: list[ImageReadError] | None = None):
+    """Yield ([paths], [RGB arrays]) of the readable images, `batch_size` paths at a time. Errors of unreadable images
+    are appended to `failed`, or the first one is raised when `failed` is None."""
+    for start in range(0, len(paths), batch_size):
+        loaded, bad = load_each(paths[start:start + batch_size])
+        if bad:
+            if failed is None:
+                raise bad[0]
+            failed.extend(bad)
+        if loaded:
+            yield [p for p, _ in loaded], [a for _, a in loaded]
+
+
 def report_failed(failed: Sequence[ImageReadError], total: int) -> int:
     """Name the images a verb could not read on stderr; the exit status: 1 if any, else 0."""
     if not failed:

@@ -10,7 +10,7 @@ from torch import nn
 
 from zoo.commands import Command
 from zoo.export import ExportSpec, export_command
-from zoo.images import ImageReadError, collect_images, load_each, load_rgb, report_failed
+from zoo.images import ImageReadError, collect_images, load_rgb, loaded_batches, report_failed
 
 GENDERS = ("male", "female")
 
@@ -34,16 +34,8 @@ def estimate(model, paths: list[Path], batch_size: int = 32, failed: list[ImageR
     """One dict per readable image: path, age (years), gender ("male" / "female"), probability of that gender,
     p_female. Errors of unreadable images are appended to `failed` (or raised when it is None)."""
     results = []
-    for start in range(0, len(paths), batch_size):
-        loaded, bad = load_each(paths[start:start + batch_size])
-        if bad:
-            if failed is None:
-                raise bad[0]
-            failed.extend(bad)
-        if not loaded:
-            continue
-        chunk = [p for p, _ in loaded]
-        out = model.predict_batch(preprocess(model, chunk, [a for _, a in loaded]))
+    for chunk, arrays in loaded_batches(paths, batch_size, failed):
+        out = model.predict_batch(preprocess(model, chunk, arrays))
         for path, age, p in zip(chunk, out["age"].tolist(), out["p_female"].tolist()):
             female = p >= 0.5
             results.append({"path": str(path), "age": round(age, 1), "gender": GENDERS[int(female)],

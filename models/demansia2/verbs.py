@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from zoo.commands import Command
-from zoo.images import ImageReadError, collect_images, load_each, report_failed
+from zoo.images import ImageReadError, collect_images, loaded_batches, report_failed
 
 
 @torch.no_grad()
@@ -25,16 +25,8 @@ def classify(model, paths: list[Path], top_k: int = 5, batch_size: int = 32,
     device = next(model.parameters()).device
     names = model.class_names
     results = []
-    for start in range(0, len(paths), batch_size):
-        loaded, bad = load_each(paths[start : start + batch_size])
-        if bad:
-            if failed is None:
-                raise bad[0]
-            failed.extend(bad)
-        if not loaded:
-            continue
-        chunk = [p for p, _ in loaded]
-        x = torch.stack([transform(Image.fromarray(a)) for _, a in loaded]).to(device)
+    for chunk, arrays in loaded_batches(paths, batch_size, failed):
+        x = torch.stack([transform(Image.fromarray(a)) for a in arrays]).to(device)
         probs = model(x).float().softmax(-1)
         k = min(top_k, probs.shape[-1])
         values, indices = probs.topk(k, dim=-1)
