@@ -37,7 +37,6 @@ class PalmDiffusion(ZooModule):
         self.diffusion = build_diffusion(cfg)
         self.ema = EMA(self.diffusion, beta=cfg.ema_decay, update_every=cfg.ema_update_every,
                        update_after_step=cfg.ema_update_after_step, include_online_model=False)
-        self._ema_at_step = -1
 
     # ----- the EMA -----
     def parameter_count(self) -> int:
@@ -62,11 +61,12 @@ class PalmDiffusion(ZooModule):
         """The diffusion to sample from: the EMA copy, or with `raw` the training weights."""
         return self.diffusion if raw else self.ema_diffusion
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
         # One EMA call per optimizer step (not per micro-batch under gradient accumulation), as the library's trainer.
-        if self.global_step != self._ema_at_step:
-            self._ema_at_step = self.global_step
-            self.ema.update()
+        # Here rather than in on_train_batch_end: callbacks' batch-end hooks (the step checkpoint) run before the
+        # module's, and a checkpoint must hold the EMA of the step it was taken at, or a resume is not exact.
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update()
 
     # ----- training -----
     def forward(self, images: Tensor) -> Tensor:
@@ -74,7 +74,6 @@ class PalmDiffusion(ZooModule):
         return self.diffusion(images)
 
     def on_fit_start(self) -> None:
-        self._ema_at_step = self.global_step
         if self.cfg.max_steps > 0 and self.trainer.max_steps in (-1, None):
             self.trainer.fit_loop.epoch_loop.max_steps = int(self.cfg.max_steps)
 
