@@ -11,7 +11,13 @@ import lightning as L
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.samplers import EpochShuffleSampler, RankShardSampler, SeededItems, SeededSampler, data_parallel_rank
+from datamodules.samplers import (
+    EpochShuffleSampler,
+    RankShardSampler,
+    SeededItems,
+    SeededSampler,
+    data_parallel_rank,
+)
 from zoo.errors import ZooError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
