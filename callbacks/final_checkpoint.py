@@ -42,7 +42,7 @@ class FinalCheckpoint(L.Callback):
             return
         saved = [cb._last_global_step_saved for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
         if trainer.global_step not in saved:
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
 
 
 class CrashCheckpoint(L.Callback):
@@ -75,7 +75,7 @@ class CrashCheckpoint(L.Callback):
             return
         self._crashing = True
         try:
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         except DivergenceError as e:  # non-finite weights found while saving: keep the previous file
             print(f"[train] no checkpoint written on {type(exception).__name__}: {e}", file=sys.stderr)
             return

@@ -70,6 +70,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--at-step", type=int, default=0)
     p.add_argument("--at", choices=["batch", "validation"], default="batch")
     a = p.parse_args(argv[:sep])
+    if a.signal == "INT":
+        # A shell runs background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+        # (CI may run the suite that way); Ctrl-C in a terminal reaches a foreground process with the default one.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [root, os.path.join(root, "tests")]
     from toy_task import ENTRY

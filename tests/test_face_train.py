@@ -111,7 +111,10 @@ def test_predict_verbs(trained, demo_dir, tmp_path, capsys):
     assert set(result) == {"similarity", "threshold", "same"} and -1 <= result["similarity"] <= 1
     assert result["threshold"] == pytest.approx(float(out["model"].threshold))
 
-    assert predict.main(["--ckpt", ckpt, "evaluate", str(demo_dir), "--pairs"]) == 0
+    # This run's split has no test part: the default (the identity-disjoint test split) says so and names --all.
+    assert predict.main(["--ckpt", ckpt, "evaluate", str(demo_dir), "--pairs"]) == 2
+    assert "holds no identity; use --all" in capsys.readouterr().err
+    assert predict.main(["--ckpt", ckpt, "evaluate", str(demo_dir), "--pairs", "--all"]) == 0
     text = capsys.readouterr().out
     assert "Recall@1 (precision@1)" in text and "MAP@R" in text and "4-fold verification" in text
     assert len(re.findall(r"^\s+[1-4]\s+-?\d\.\d{4}\s+\d\.\d{4}$", text, flags=re.M)) == 4

@@ -139,7 +139,8 @@ def _evaluate(model, args) -> int:
         print(f"{name:<24}{result[k]:.4f}")
     print(f"{'best threshold here':<24}{thr:.4f} (balanced pair accuracy {acc:.4f}; checkpoint's {model.threshold:.4f})")
     if verification is not None:
-        print(f"\nverification: {result['verification']['protocol']}\n{verification.table()}")
+        print(f"\n{len(verification.accuracies)}-fold verification ({result['verification']['protocol']}):\n"
+              f"{verification.table()}")
     return status
 
 
