@@ -152,7 +152,7 @@ def converted(tmp_path_factory):
 def test_every_released_key_is_consumed(converted):
     state, dst = converted
     assert len(state) == 393
-    ckpt = torch.load(dst, map_location="cpu", weights_only=False)
+    ckpt = torch.load(dst, map_location="cpu", weights_only=True)
     assert set(ckpt["state_dict"]) == {"model." + k for k in state}
     model = DeMansia2.load_from_checkpoint(dst, map_location="cpu")
     own = model.state_dict()

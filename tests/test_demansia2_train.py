@@ -63,7 +63,7 @@ def test_train_validates_raw_and_ema_and_checkpoints_the_ema(small_demo):
     for name in ("val/top1", "val/top5", "val/loss", "val/top1_raw", "val/top5_raw", "val/loss_raw"):
         assert name in metrics, name
     ckpt_path = out["run_dir"] / "last.ckpt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
     loaded = DeMansia2.load_from_checkpoint(ckpt_path)  # no other argument, CPU
@@ -87,12 +87,12 @@ def test_resume_restores_raw_and_ema_exactly(small_demo, monkeypatch):
         train.run(["--model", "demansia2", "--logger", "none", "--progress", "none", "--run-name", "crashed",
                    "--batch-size", "8", "--num-workers", "0", *SETS, *common], extra_callbacks=[StopAt(4)])
     last = Path(full["run_dir"]).parent / "crashed" / "last.ckpt"
-    mid = torch.load(last, map_location="cpu", weights_only=False)
+    mid = torch.load(last, map_location="cpu", weights_only=True)
     assert mid["global_step"] == 4 and "current_model_state" in mid
     resumed = train.run(["--model", "demansia2", "--logger", "none", "--progress", "none", "--resume", str(last),
                          "--deterministic", "--num-workers", "0"])
-    a = torch.load(full["run_dir"] / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(resumed["run_dir"] / "last.ckpt", map_location="cpu", weights_only=False)
+    a = torch.load(full["run_dir"] / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(resumed["run_dir"] / "last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 6
     for key in ("state_dict", "current_model_state"):  # EMA and raw weights
         assert a[key].keys() == b[key].keys()

@@ -57,7 +57,7 @@ def test_trainer_run_saves_ema_and_raw_weights(tmp_path):
     ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
     # raw weights were available during validation, and differ from the EMA weights swapped in
     assert model.seen_raw and all(w is not None for w in model.seen_raw)
-    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)  # written in on_train_end
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)  # written in on_train_end
     raw, avg = ckpt["current_model_state"], ckpt["state_dict"]
     # after fit the module holds the EMA weights and the raw ones stay available
     torch.testing.assert_close(model.net[0].weight.detach(), avg["net.0.weight"])

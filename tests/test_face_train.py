@@ -96,7 +96,7 @@ def test_checkpoint_round_trip_restores_threshold(trained):
     out, _ = trained
     model = out["model"]
     path = out["run_dir"] / "last.ckpt"
-    loaded = FaceEmbedder.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+    loaded = FaceEmbedder.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
     assert float(loaded.threshold) == pytest.approx(float(model.threshold))
     x = torch.randn(2, 3, model.cfg.image_size, model.cfg.image_size)
     assert torch.allclose(loaded.embed(x), model.embed(x), atol=1e-5)
@@ -154,7 +154,7 @@ def test_two_stage_schedule_switches_miner_and_restarts_the_optimiser(demo_dir, 
     assert rec.optimizers[0] is not rec.optimizers[1]
     assert int(model.stage) == 2 and int(model.stage_start_step) == 2
     assert rec.lrs[2] == pytest.approx(rec.lrs[0])  # the warm-up starts again in stage 2
-    ckpt = torch.load(out["run_dir"] / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out["run_dir"] / "last.ckpt", map_location="cpu", weights_only=True)
     assert int(ckpt["state_dict"]["stage"]) == 2
 
 

@@ -122,7 +122,7 @@ def test_ema_weights_differ_from_raw_and_are_what_sampling_uses_after_loading(tr
 
 def test_checkpoint_without_ema_or_of_another_task_gives_clear_errors(trained, tmp_path):
     _, path = trained
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     no_ema = dict(ckpt, state_dict={k: v for k, v in ckpt["state_dict"].items() if not k.startswith("ema.")})
     torch.save(no_ema, tmp_path / "no_ema.ckpt")
     model = PalmDiffusion.load_from_checkpoint(str(tmp_path / "no_ema.ckpt"), map_location="cpu")
