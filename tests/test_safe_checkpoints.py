@@ -140,7 +140,7 @@ def test_genuine_checkpoints_need_nothing_beyond_weights_only(name, genuine, tmp
     raw = torch.load(path, map_location="cpu", weights_only=True)  # torch's own allow-list, nothing added
     assert raw["hyper_parameters"]["task"] == name
     model = load_model(path)
-    reference = type(model).load_from_checkpoint(str(path), map_location="cpu", weights_only=False).eval()
+    reference = type(model).load_from_checkpoint(str(path), map_location="cpu", weights_only=True).eval()
     for k, v in reference.state_dict().items():
         assert same_tensor(model.state_dict()[k], v), k
 
