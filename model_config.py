@@ -397,6 +397,8 @@ class FaceConfig(BaseConfig):
     backbone: str = "mamba"  # "mamba" = our patch-embed + Mamba-2 stack, or any timm model name
     pretrained: bool = False
     init_from: str | None = None  # a zoo checkpoint (face, demansia2, agegender) whose network starts the encoder
+    stem: Literal["patch", "conv"] = "patch"  # patch = one p x p conv (upstream); conv = 3 convs + p x p (stride 2p)
+    stem_channels: int = 32  # width of the conv stem's convolutions
     patch_size: int = 8
     d_model: int = 128
     depth: int = 6
@@ -434,14 +436,14 @@ class FaceConfig(BaseConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # Every preset carries the whole network (backbone and every architecture field), so presets compose
         # predictably: the last one listed decides the network.
-        "micro": dict(backbone="mamba", d_model=64, depth=2, d_state=16, d_conv=4, expand=2, headdim=16,
+        "micro": dict(backbone="mamba", stem="patch", stem_channels=32, d_model=64, depth=2, d_state=16, d_conv=4, expand=2, headdim=16,
                       bidirectional=True, pos_embed=True, embedding_dim=64, image_size=64, patch_size=8,
                       epochs=15, batch_size=32, lr=2e-3, warmup_epochs=1.0),
-        "tiny": dict(backbone="mamba", d_model=192, depth=12, d_state=64, d_conv=4, expand=2, headdim=48,
+        "tiny": dict(backbone="mamba", stem="patch", stem_channels=32, d_model=192, depth=12, d_state=64, d_conv=4, expand=2, headdim=48,
                      bidirectional=True, pos_embed=True, embedding_dim=256, image_size=112, patch_size=8),
-        "small": dict(backbone="mamba", d_model=384, depth=12, d_state=64, d_conv=4, expand=2, headdim=64,
+        "small": dict(backbone="mamba", stem="patch", stem_channels=32, d_model=384, depth=12, d_state=64, d_conv=4, expand=2, headdim=64,
                       bidirectional=True, pos_embed=True, embedding_dim=512, image_size=112, patch_size=8),
-        "published": dict(backbone="mamba", patch_size=8, d_model=128, depth=6, d_state=64, d_conv=4, expand=2,
+        "published": dict(backbone="mamba", stem="patch", stem_channels=32, patch_size=8, d_model=128, depth=6, d_state=64, d_conv=4, expand=2,
                           headdim=32, bidirectional=False, pos_embed=False, embedding_dim=128, image_size=128,
                           loss="triplet", miner="all", margin=0.2, stage2_miner="hard", m_per_class=2,
                           stage2_epoch=10, stage2_from_best=True, early_stop_patience=10, optimizer="adamw",
@@ -450,9 +452,9 @@ class FaceConfig(BaseConfig):
     }
     DEFAULT_PRESET: ClassVar[str | None] = "micro"
     CHECKS: ClassVar[dict[str, Check]] = {
-        "backbone": NON_EMPTY, "patch_size": at_least(1), "d_model": at_least(1), "depth": at_least(1),
-        "d_state": at_least(1), "d_conv": at_least(1), "expand": at_least(1), "headdim": at_least(1),
-        "embedding_dim": at_least(1), "margin": above(0), "scale": above(0), "stage2_epoch": at_least(0),
+        "backbone": NON_EMPTY, "patch_size": at_least(1), "stem_channels": at_least(1), "d_model": at_least(1),
+        "depth": at_least(1), "d_state": at_least(1), "d_conv": at_least(1), "expand": at_least(1),
+        "headdim": at_least(1), "embedding_dim": at_least(1), "margin": above(0), "scale": above(0), "stage2_epoch": at_least(0),
         "early_stop_patience": at_least(0), "num_classes": at_least(0),
         "pairs_file": Free("a file (or auto / none), checked when the data loads"), "m_per_class": at_least(1),
         "init_from": Free("a checkpoint path, checked when it is opened"),
@@ -464,8 +466,10 @@ class FaceConfig(BaseConfig):
         split_check(self)
         if self.backbone == "mamba":
             mamba_width_check(self)
-            if self.image_size < self.patch_size:
-                raise config_error(self, "image_size", f"must be at least patch_size={self.patch_size}")
+            stride = self.patch_size * (2 if self.stem == "conv" else 1)
+            if self.image_size < stride:
+                stride_of = f"2 * patch_size = {stride}" if self.stem == "conv" else f"patch_size = {stride}"
+                raise config_error(self, "image_size", f"must be at least {stride_of} (the {self.stem} stem's stride)")
 
 
 @dataclass
@@ -486,7 +490,9 @@ class HandConfig(BaseConfig):
     silhouette_threshold: int = 40  # a pixel is hand when 255 - min(R, G, B) exceeds this (white background)
     image_size: int = 224
     # network
-    encoder: Literal["micro", "tiny", "small"] = "tiny"  # VMamba v0 size
+    encoder: Literal["micro", "tiny", "small"] = "tiny"  # VMamba v0 size (with a timm backbone: the dims it maps to)
+    backbone: str = "vmamba"  # vmamba = the VMamba v0 encoder; any timm name = its levels at strides 4-32, projected
+    pretrained: bool = False  # timm backbone: the published weights (local cache, else downloaded unless offline)
     pretrained_ckpt: str | None = None  # VMamba v0 ImageNet checkpoint (.pth, its `model` entry) for the encoder
     drop_path: float = 0.1
     decoder: bool = True  # the SUM U-Net decoder (its features feed the heads, its output the silhouette)
@@ -543,7 +549,7 @@ class HandConfig(BaseConfig):
         "open_val_identities": between(0, 1, hi_open=True), "gallery_draws": at_least(1),
         "aspects": Each(Matches(r"(?i)(palmar|dorsal) (right|left)",
                                 "an aspect: palmar right, palmar left, dorsal right or dorsal left", "palm")),
-        "age_bins": Each(at_least(0)), "silhouette_threshold": between(0, 254),
+        "age_bins": Each(at_least(0)), "silhouette_threshold": between(0, 254), "backbone": NON_EMPTY,
         "pretrained_ckpt": Free("a VMamba v0 checkpoint path, checked when it is opened"),
         "drop_path": between(0, 1, hi_open=True), "head_dropout": between(0, 1, hi_open=True),
         "embedding_dim": at_least(1), "freeze_encoder_epochs": at_least(-1),
@@ -559,6 +565,21 @@ class HandConfig(BaseConfig):
         super().check()
         if self.image_size % 32:
             raise config_error(self, "image_size", "must be a multiple of 32 (VMamba's stride; the U-Net adds skips)")
+        if self.backbone == "vmamba":
+            if self.pretrained:
+                raise config_error(self, "pretrained", "needs a timm backbone (--set backbone=NAME); VMamba's v0 "
+                                                       "weights load with --set pretrained_ckpt=PATH")
+        else:
+            if self.pretrained_ckpt:
+                raise config_error(self, "pretrained_ckpt", "is a VMamba v0 checkpoint: it needs backbone=vmamba "
+                                                            "(a timm backbone takes --set pretrained=true)")
+            from models.hand.model import timm_feature_levels
+
+            try:
+                timm_feature_levels(self.backbone)  # an unknown name is models.backbones' ZooError
+            except ValueError as e:
+                raise config_error(self, "backbone", f"must be vmamba or a timm model with feature levels at "
+                                                     f"reductions 4, 8, 16 and 32 (the U-Net's scales): {e}") from None
         bins = tuple(self.age_bins)
         if len(bins) < 2 or any(b <= a for a, b in zip(bins, bins[1:])):
             raise config_error(self, "age_bins", "must be at least two increasing ages (right-open groups)")

@@ -55,6 +55,30 @@ def test_default_micro_model_and_timm_backbone():
     assert out.shape == (2, 32) and torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [64, 60, 37])
+def test_conv_stem_gives_the_tokens_it_announces(size):
+    """stem="conv": ConvStem (stride 2p) + LayerNorm; the position embedding is sized for exactly the tokens it gives,
+    at sizes that do not divide evenly too."""
+    cfg = FaceConfig.from_presets("micro").replace(stem="conv", patch_size=4, stem_channels=8, image_size=size)
+    enc = FaceEmbedder(cfg).net.encoder
+    side = math.ceil(size / 2) // 4
+    tokens = enc.patch_embed(torch.randn(2, 3, size, size))
+    assert tokens.shape == (2, side * side, 64) and enc.pos_embed.shape == (1, side * side, 64)
+    assert enc(torch.randn(2, 3, size, size)).shape == (2, 64)
+    names = set(enc.state_dict())
+    assert {"patch_embed.stem.conv1.weight", "patch_embed.stem.bn3.running_mean", "patch_embed.stem.proj.weight",
+            "patch_embed.norm.weight"} <= names
+    assert enc.patch_embed.stem.conv1.out_channels == 8
+
+
+def test_conv_stem_needs_an_image_of_its_stride():
+    from zoo.errors import ZooError
+
+    with pytest.raises(ZooError, match=r"image_size.*at least 2 \* patch_size = 8 \(the conv stem's stride\)"):
+        FaceConfig.from_presets("micro").replace(stem="conv", patch_size=4, image_size=6).check()
+    FaceConfig.from_presets("micro").replace(stem="patch", patch_size=4, image_size=6).check()  # stride 4 fits
+
+
 @pytest.mark.parametrize("kind", ["triplet", "arcface", "cosface"])
 def test_losses_are_submodules_with_their_weights_optimised(kind):
     cfg = FaceConfig.from_presets("micro").replace(loss=kind, num_classes=5, embedding_dim=8, d_model=16, depth=1,

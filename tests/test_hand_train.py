@@ -105,6 +105,13 @@ def test_open_set_metrics_against_hand_computed_ranks():
     assert m2["rank1"] < 1.0 and m2["rank5"] == 1.0 and m2["rank1"] <= m2["mAP"] <= 1.0
 
 
+def test_open_set_metrics_count_ties_against_the_query():
+    # A collapsed network (every embedding the same) finds nobody: ties must not count as hits.
+    persons = torch.arange(8).repeat_interleave(3)
+    m = open_set_metrics(torch.ones(24, 4), persons, draws=3)
+    assert m["rank1"] == 0.0 and m["rank5"] == 0.0 and m["mAP"] == 1 / 8
+
+
 def test_published_schedule_warms_up_then_steps():
     from model_config import HandConfig
 

@@ -25,6 +25,7 @@ from models.blocks.bidirectional import BidirectionalMamba2
 from models.blocks.mha import MHA
 from models.blocks.norm import RMSNorm
 from models.blocks.residual import Block
+from models.blocks.stem import ConvStem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,31 +34,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------------------------------------------------
 # Backbone
 # ----------------------------------------------------------------------------------------------------------------------
-class ConvStem(nn.Module):
-    """LV-ViT's 4-conv patch embedding: (B, in_chans, H, W) -> (B, d_model, H / (2 p), W / (2 p)).
-
-    conv 7x7 / stride 2 -> BN -> ReLU, two conv 3x3 -> BN -> ReLU, projection conv with kernel = stride = p
-    (`patch_size`). Keys conv1-3, bn1-3, proj as in the released checkpoint.
-    """
-
-    def __init__(self, in_chans: int = 3, d_model: int = 192, patch_size: int = 8, channels: int = 64):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, channels, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.conv3 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(channels)
-        self.proj = nn.Conv2d(channels, d_model, patch_size, stride=patch_size)
-        self.stride = 2 * patch_size
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.bn3(self.conv3(x)))
-        return self.proj(x)
-
-
 def mix_box(grid: tuple[int, int], generator: torch.Generator | None = None) -> tuple[tuple[int, int, int, int], float]:
     """MixToken's box on a (gh, gw) token grid: lambda ~ Beta(1, 1), a box of area ~(1 - lambda) at a uniform centre,
     clipped to the grid. Returns ((top, left, bottom, right) end-exclusive, lam = 1 - box area / grid area)."""

@@ -20,6 +20,7 @@ from model_config import FaceConfig
 from models.blocks.bidirectional import BidirectionalMamba2
 from models.blocks.mamba2 import Mamba2
 from models.blocks.residual import Block
+from models.blocks.stem import ConvStem
 
 
 class PatchEmbed(nn.Module):
@@ -34,19 +35,40 @@ class PatchEmbed(nn.Module):
         return self.norm(rearrange(self.proj(x), "b d h w -> b (h w) d"))
 
 
+class ConvPatchEmbed(nn.Module):
+    """(B, 3, H, W) -> (B, (H/2p)(W/2p), dim): the convolutional stem (`models.blocks.stem.ConvStem`: 7x7 stride-2
+    conv and two 3x3 convs with BatchNorm + ReLU, then a p x p projection), flattened row-major, LayerNorm."""
+
+    def __init__(self, patch_size: int, dim: int, channels: int = 32, in_chans: int = 3):
+        super().__init__()
+        self.stem = ConvStem(in_chans, dim, patch_size, channels)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(rearrange(self.stem(x), "b d h w -> b (h w) d"))
+
+
+def num_tokens(cfg: FaceConfig) -> int:
+    """Tokens the stem gives at `cfg.image_size`: (S/p)^2 for the patch conv, (ceil(S/2)/p)^2 for the conv stem."""
+    side = cfg.image_size if cfg.stem == "patch" else (cfg.image_size + 1) // 2
+    return (side // cfg.patch_size) ** 2
+
+
 class MambaFaceEncoder(nn.Module):
-    """Patch embedding (+ optional learnt position embedding), `depth` pre-norm residual Mamba-2 blocks (LayerNorm),
+    """Patch embedding (`stem="patch"`: one p x p conv; `stem="conv"`: a convolutional stem of stride 2p)
+    (+ optional learnt position embedding), `depth` pre-norm residual Mamba-2 blocks (LayerNorm),
     final LayerNorm and mean pooling over tokens: (B, 3, S, S) -> (B, d_model). `num_features` = d_model.
 
-    State-dict keys: patch_embed.{proj,norm}.*, pos_embed, blocks.{i}.{norm,mixer}.*, final_norm.*.
+    State-dict keys: patch_embed.{proj,norm}.* (conv stem: patch_embed.{stem.*,norm.*}), pos_embed, blocks.{i}.{norm,mixer}.*, final_norm.*.
     """
 
     def __init__(self, cfg: FaceConfig):
         super().__init__()
         d = cfg.d_model
         self.num_features = d
-        self.patch_embed = PatchEmbed(cfg.patch_size, d)
-        self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch_embed = (PatchEmbed(cfg.patch_size, d) if cfg.stem == "patch"
+                            else ConvPatchEmbed(cfg.patch_size, d, cfg.stem_channels))
+        self.num_tokens = num_tokens(cfg)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, d)) if cfg.pos_embed else None
         mixer = BidirectionalMamba2 if cfg.bidirectional else Mamba2
         self.blocks = nn.ModuleList(

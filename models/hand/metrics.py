@@ -33,7 +33,8 @@ def classification_metrics(logits: Tensor, target: Tensor, top5: bool = False) -
 
 def gallery_ranks(embeddings: Tensor, persons: Tensor, rng: np.random.Generator) -> Tensor:
     """One gallery draw: one random image per subject is the gallery, the other images are queries; returns each
-    query's 0-based rank of its own subject's gallery image by cosine similarity (N_queries,)."""
+    query's 0-based rank of its own subject's gallery image by cosine similarity (N_queries,); ties rank the
+    query's own subject last."""
     emb = F.normalize(embeddings.float(), dim=-1)
     persons = persons.long()
     gallery, queries = [], []
@@ -48,7 +49,8 @@ def gallery_ranks(embeddings: Tensor, persons: Tensor, rng: np.random.Generator)
     sim = emb[queries_t] @ emb[gallery_t].T  # (Q, G)
     own = (persons[queries_t][:, None] == persons[gallery_t][None, :]).float().argmax(1)
     own_sim = sim.gather(1, own[:, None])
-    return (sim > own_sim).sum(1)
+    # A tie with another subject counts against the query: a collapsed (constant) embedding must not score rank 0.
+    return (sim >= own_sim).sum(1) - 1
 
 
 def open_set_metrics(embeddings: Tensor, persons: Tensor, groups: Tensor | None = None, draws: int = 10,

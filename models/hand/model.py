@@ -10,11 +10,18 @@ Decoder (SUM, UPSTREAM.md): four up stages (dims 768/384/192/96, depths 2/2/2/1)
 encoder output, stages 1-3 first add the skip (the input of encoder stage 4 - i), then patch-expand (Linear C -> 2C,
 2x2 pixel shuffle, LayerNorm: channels halve, resolution doubles) and run their blocks; a final 4x expand and a 1x1
 conv give a dense (B, 1, H, W) map, trained here on the hand silhouette.
+
+Any timm backbone can replace the encoder (`backbone=NAME`, `timm_encoder`): its last feature levels at reductions
+4, 8, 16 and 32 (`features_only`, picked from its `feature_info`), each projected by `FeatureAdapter` (1x1, LayerNorm,
+channels last) to the dims of the VMamba encoder of size `encoder`, so the decoder and heads are unchanged; a level's
+own map is also its decoder skip.
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -180,6 +187,62 @@ def load_vmamba_v0(encoder: VMambaV0, source: str | dict[str, Tensor]) -> dict[s
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Any timm backbone as the encoder
+# ----------------------------------------------------------------------------------------------------------------------
+LEVEL_REDUCTIONS = (4, 8, 16, 32)  # the scales the U-Net decoder and the heads read
+
+
+@cache
+def timm_feature_levels(name: str) -> tuple[int, ...]:
+    """Indices into timm model `name`'s `feature_info` of its last level at each reduction 4, 8, 16, 32 (read from a
+    weightless build on the meta device). A `ZooError` for an unknown name (`check_backbone_name`); a `ValueError`
+    saying which reductions it has when one of the four is missing."""
+    from models.backbones import check_backbone_name
+
+    check_backbone_name(name)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, num_classes=0)
+    except Exception:  # noqa: BLE001 - a model whose constructor computes on its tensors: build it for real
+        model = timm.create_model(name, num_classes=0)
+    info = list(getattr(getattr(model, "feature_info", None), "info", getattr(model, "feature_info", None)) or [])
+    last = {int(f["reduction"]): i for i, f in enumerate(info) if "reduction" in f}
+    missing = [r for r in LEVEL_REDUCTIONS if r not in last]
+    if missing:
+        has = ", ".join(map(str, sorted(last))) or "none (no feature_info)"
+        raise ValueError(f"{name} has feature levels at reductions {has}, none at {', '.join(map(str, missing))}")
+    return tuple(last[r] for r in LEVEL_REDUCTIONS)
+
+
+def timm_encoder(name: str, pretrained: bool = False, drop_path: float = 0.0) -> nn.Module:
+    """timm model `name` with `features_only`: (B, 3, H, W) -> its four maps [(B, C_i, H/r, W/r) for r = 4, 8, 16, 32]
+    (`timm_feature_levels`), built by `models.backbones.create_backbone` (with `pretrained`, the published weights:
+    the local cache, else a download)."""
+    from models.backbones import create_backbone
+
+    extra = {"drop_path_rate": drop_path} if drop_path else {}
+    return create_backbone(name, pretrained=pretrained, features_only=True, out_indices=timm_feature_levels(name),
+                           **extra)
+
+
+class FeatureAdapter(nn.Module):
+    """timm feature maps [(B, C_i, H/r_i, W/r_i)] (or channels last with `channels_last`, as Swin's) ->
+    [(B, H/r_i, W/r_i, dims[i])] channels last, what `VMambaV0.stages` gives: per level a 1x1 projection (Linear on
+    channels last) and LayerNorm. Keys proj.i.*, norm.i.*."""
+
+    def __init__(self, channels: list[int], dims: list[int], channels_last: bool = False):
+        super().__init__()
+        self.channels_last = channels_last
+        self.proj = nn.ModuleList(nn.Linear(c, d) for c, d in zip(channels, dims))
+        self.norm = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        if not self.channels_last:
+            feats = [f.permute(0, 2, 3, 1) for f in feats]
+        return [norm(proj(f)) for f, proj, norm in zip(feats, self.proj, self.norm)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Decoder and heads
 # ----------------------------------------------------------------------------------------------------------------------
 class UNetDecoder(nn.Module):
@@ -231,13 +294,25 @@ class HandNet(nn.Module):
     decoder stages, concatenated and LayerNorm-ed, into linear identity / gender / age / embedding heads.
     head="published": sigmoid on the last stage (S/32 x S/32 x 8C, channels last) flattened into three `MLPHead`s;
     the embedding is that flattened vector, L2-normalised.
+
+    backbone="vmamba": `encoder` is `VMambaV0` of size cfg.encoder; any other name: `encoder` is that timm model's
+    four levels (`timm_encoder`, random weights; `HandBiometrics` loads `pretrained` ones) and `adapter` projects them
+    to the same dims (C = the VMamba size's embed_dim).
     """
 
     def __init__(self, cfg: Any):
         super().__init__()
         spec = ENCODERS[cfg.encoder]
-        self.encoder = VMambaV0(spec["embed_dim"], spec["depths"], spec["d_state"], cfg.drop_path)
-        dims = self.encoder.dims
+        if cfg.backbone == "vmamba":
+            self.encoder = VMambaV0(spec["embed_dim"], spec["depths"], spec["d_state"], cfg.drop_path)
+            dims = self.encoder.dims
+            self.adapter = None
+        else:
+            self.encoder = timm_encoder(cfg.backbone, drop_path=cfg.drop_path)
+            dims = [spec["embed_dim"] * 2**i for i in range(len(LEVEL_REDUCTIONS))]
+            fmt = getattr(self.encoder, "output_fmt", "NCHW")
+            self.adapter = FeatureAdapter(self.encoder.feature_info.channels(), dims,
+                                          channels_last=getattr(fmt, "value", fmt) == "NHWC")
         self.decoder = UNetDecoder(dims, spec["decoder_depths"], spec["d_state"]) if cfg.decoder else None
         self.published = cfg.head == "published"
         n_id, n_age, n_gender = cfg.num_identities, cfg.num_age_groups, len(cfg.gender_names)
@@ -257,7 +332,11 @@ class HandNet(nn.Module):
             self.embedding_dim = cfg.embedding_dim
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        outs, ins = self.encoder.stages(x)
+        if self.adapter is None:
+            outs, ins = self.encoder.stages(x)
+        else:
+            outs = self.adapter(self.encoder(x))
+            ins = outs
         out: dict[str, Tensor] = {}
         feats = list(outs)
         if self.decoder is not None:

@@ -13,7 +13,7 @@ from losses.metric import MetricLoss
 from model_config import HandConfig
 from models.face.metrics import calibrate_threshold
 from models.hand.metrics import classification_metrics, open_set_metrics
-from models.hand.model import HandNet, load_vmamba_v0
+from models.hand.model import HandNet, load_vmamba_v0, timm_encoder
 from zoo.module import ZooModule
 
 HEADS = ("identity", "gender", "age")
@@ -161,7 +161,11 @@ class HandBiometrics(ZooModule):
     # ----- set-up, optimisation, checkpoints -----
     def setup(self, stage: str) -> None:
         path = self.cfg.pretrained_ckpt
-        if stage == "fit" and path and not getattr(self.trainer, "ckpt_path", None):
+        fresh = stage == "fit" and not getattr(self._trainer, "ckpt_path", None)  # not a resume
+        if fresh and self.cfg.pretrained:  # a timm backbone (config check); weights loaded here, not on every load
+            self.net.encoder.load_state_dict(timm_encoder(self.cfg.backbone, pretrained=True).state_dict())
+            print(f"[hand] loaded the published weights of {self.cfg.backbone} into the encoder")
+        if fresh and path:
             report = load_vmamba_v0(self.net.encoder, path)
             print(f"[hand] loaded VMamba v0 weights from {path}: {len(report['missing'])} encoder key(s) not loaded "
                   f"{report['missing'][:5]}, {len(report['unexpected'])} checkpoint key(s) unused "
