@@ -23,7 +23,8 @@ then `trainer.test` on the last weights. Rows per task:
   convolutional Unet with attention (`--set mixer=attention`, 0.72M); `test/loss` is the diffusion loss at fixed
   timesteps and noise, of the EMA weights.
 Floors: chance and the majority class (classification), the trivial predictor (age/gender), raw-pixel cosine
-retrieval on the test identities (face); hand: the expected rank-1 and mAP of a random embedding under the same
+retrieval on the test identities (face; with a pairs file also the pairs protocol on raw pixels, and under the table
+the share of the majority answer); hand: the expected rank-1 and mAP of a random embedding under the same
 gallery protocol, the majority gender and age group of the test split, and under the table the rank-1 of always
 answering the most frequent subject and the rank-1 / mAP of the raw pixels (32x32, cosine; often near-duplicate
 photos of one hand make this the floor that matters); palm: the same fixed-noise loss of a denoiser that outputs zeros, and under the
@@ -129,7 +130,17 @@ def floor(task: str, dm) -> dict[str, float]:
     images = torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1)
     labels = torch.tensor(ds.labels)
     emb = torch.nn.functional.normalize(images - images.mean(1, keepdim=True), dim=1)
-    return {f"test/{k}": v for k, v in retrieval_metrics(emb, labels).items()}
+    out = {f"test/{k}": v for k, v in retrieval_metrics(emb, labels).items()}
+    if dm.pairs:  # the pairs protocol on raw pixels (same folds and threshold rule), and its majority answer
+        from models.face.module import verify_pairs
+
+        pds = dm.pairs_dataset()
+        pixels = torch.stack([pds[i][0] for i in range(len(pds))]).flatten(1)
+        out["test/verif_acc"] = float(verify_pairs(pixels - pixels.mean(1, keepdim=True), dm.pair_images,
+                                                   dm.pairs).mean)
+        same = float(np.mean([p.same for p in dm.pairs]))
+        out["verification, always the majority answer"] = max(same, 1.0 - same)
+    return out
 
 
 def hand_floor(items) -> dict[str, float]:

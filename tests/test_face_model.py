@@ -48,7 +48,12 @@ def test_upstream_keys_map_onto_ours():
 def test_default_micro_model_and_timm_backbone():
     model = FaceEmbedder(FaceConfig.from_presets("micro"))
     assert all(isinstance(b.mixer, BidirectionalMamba2) for b in model.net.encoder.blocks)
-    assert model.net.encoder.pos_embed.shape == (1, 64, 64)
+    assert model.net.encoder.pos_embed.shape == (1, 64, 64)  # conv stem of stride 8: 8x8 tokens at 64 px
+    assert model.cfg.stem == "conv"
+    import timm
+
+    backbone = timm.create_model("face_mamba_micro")
+    assert isinstance(backbone.get_submodule(backbone.pretrained_cfg["first_conv"]), nn.Conv2d)
     assert model.embed(torch.randn(3, 3, 64, 64)).shape == (3, 64)
     timm_model = FaceEmbedder(FaceConfig.from_presets("micro").replace(backbone="resnet10t", embedding_dim=32))
     out = timm_model.embed(torch.randn(2, 3, 64, 64))

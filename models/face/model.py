@@ -3,7 +3,8 @@ embedding; the encoder is registered with timm as `face_mamba_micro/tiny/small`.
 
 The `published` preset is upstream FaceRegSMM's RecSSM (UPSTREAM.md: Face recognition): 8x8 patch conv 3->128 +
 LayerNorm (256 tokens at 128x128), 6 pre-norm residual Mamba-2 blocks with LayerNorm, final LayerNorm, mean pooling,
-Linear -> 128, L2 normalisation. Our defaults add a learnt position embedding and bidirectional Mamba-2 mixers.
+Linear -> 128, L2 normalisation. Our defaults add a learnt position embedding and bidirectional Mamba-2 mixers;
+`micro` replaces the patch conv by a convolutional stem (`stem="conv"`, models/blocks/stem.py).
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ class MambaFaceEncoder(nn.Module):
     (+ optional learnt position embedding), `depth` pre-norm residual Mamba-2 blocks (LayerNorm),
     final LayerNorm and mean pooling over tokens: (B, 3, S, S) -> (B, d_model). `num_features` = d_model.
 
-    State-dict keys: patch_embed.{proj,norm}.* (conv stem: patch_embed.{stem.*,norm.*}), pos_embed, blocks.{i}.{norm,mixer}.*, final_norm.*.
+    State-dict keys: patch_embed.{proj,norm}.* (conv stem: patch_embed.{stem.*,norm.*}), pos_embed,
+    blocks.{i}.{norm,mixer}.*, final_norm.*.
     """
 
     def __init__(self, cfg: FaceConfig):
@@ -156,10 +158,11 @@ class MambaFaceBackbone(MambaFaceEncoder):
 
 
 def _face_cfg(preset: str) -> dict[str, Any]:
-    size = FaceConfig.from_presets(preset).image_size
+    cfg = FaceConfig.from_presets(preset)
+    size, first_conv = cfg.image_size, "patch_embed.proj" if cfg.stem == "patch" else "patch_embed.stem.conv1"
     # The face task normalises images to [-1, 1].
     return dict(url="", num_classes=0, input_size=(3, size, size), pool_size=None, crop_pct=1.0,
-                interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), first_conv="patch_embed.proj",
+                interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), first_conv=first_conv,
                 classifier="head", license="apache-2.0")
 
 
