@@ -13,7 +13,8 @@ then `trainer.test` on the last weights. Rows per task:
 - demansia2: the default network vs `--set backbone=test_resnet` (timm, 0.37M parameters; micro has 0.29M).
   A folder without train/ (Imagenette's val/ only) is split 80/20 per class into symlinked train/ and val/ folders.
 - face: the default Mamba encoder vs `--set backbone=test_resnet`.
-- agegender: the default (a timm CNN, resnet10t) vs the zoo's Mamba backbone `--set backbone=demansia2_micro`.
+- agegender: the default (a timm CNN, resnet10t, 5M parameters) vs the zoo's Mamba backbone
+  `--set backbone=demansia2_micro` (0.30M) and the timm CNN of its size, `--set backbone=test_resnet` (0.37M).
 - hand: the default (VMamba micro U-Net, 0.59M parameters on the 11k Hands sample) vs `--set backbone=test_convnext`
   (the same decoder and heads on timm's test_convnext features, 0.56M), both with `protocol=open_set` (the closed-set
   protocol has no test split) and `skip_missing_images=true`: the test split is the held-out half of the subjects, so
@@ -58,7 +59,8 @@ import torch  # noqa: E402
 ROWS = {
     "demansia2": [("default (DeMansia 2)", []), ("timm test_resnet", ["--set", "backbone=test_resnet"])],
     "face": [("default (Mamba encoder)", []), ("timm test_resnet", ["--set", "backbone=test_resnet"])],
-    "agegender": [("default (timm resnet10t)", []), ("zoo demansia2_micro", ["--set", "backbone=demansia2_micro"])],
+    "agegender": [("default (timm resnet10t)", []), ("zoo demansia2_micro", ["--set", "backbone=demansia2_micro"]),
+                  ("timm test_resnet", ["--set", "backbone=test_resnet"])],
     "hand": [("default (VMamba U-Net)", []), ("timm test_convnext", ["--set", "backbone=test_convnext"])],
     "palm": [("default (Unet + VSS)", []), ("Unet with attention", ["--set", "mixer=attention"])],
 }

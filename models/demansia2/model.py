@@ -25,7 +25,7 @@ from models.blocks.bidirectional import BidirectionalMamba2
 from models.blocks.mha import MHA
 from models.blocks.norm import RMSNorm
 from models.blocks.residual import Block
-from models.blocks.stem import ConvStem
+from models.blocks.stem import ConvStem, EarlyConvStem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,12 +90,15 @@ class DeMansia2Net(nn.Module):
                  num_heads: int = 3, attn_head_dim: int = 96, rotary_dim: int = 48, d_state: int = 128,
                  d_conv: int = 4, expand: int = 2, headdim: int = 48, chunk_size: int = 256,
                  scan_mode: str = "bidirectional", stem_channels: int = 64, drop_path_rate: float = 0.0,
-                 aux_weight: float = 0.5, norm_eps: float = 1e-5, **_ignored: Any):
+                 aux_weight: float = 0.5, norm_eps: float = 1e-5, stem: str = "lvvit", **_ignored: Any):
         super().__init__()
         if scan_mode not in ("bidirectional", "legacy"):
             raise ValueError(f"scan_mode must be 'bidirectional' or 'legacy', got {scan_mode!r}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.patch_embed = ConvStem(in_chans, d_model, patch_size, stem_channels)
+        if stem not in ("lvvit", "early_conv"):
+            raise ValueError(f"stem must be 'lvvit' or 'early_conv', got {stem!r}")
+        self.patch_embed = (ConvStem(in_chans, d_model, patch_size, stem_channels) if stem == "lvvit"
+                            else EarlyConvStem(in_chans, d_model, 2 * patch_size, stem_channels))
         self.grid = (img_size[0] // self.patch_embed.stride, img_size[1] // self.patch_embed.stride)
         self.num_classes, self.num_features, self.embed_dim = num_classes, d_model, d_model
         self.aux_weight, self.depth = aux_weight, depth
@@ -262,7 +265,8 @@ def net_kwargs(cfg: DeMansia2Config) -> dict[str, Any]:
                 depth=cfg.depth, attn_layers=tuple(cfg.attn_layers), num_heads=cfg.num_heads,
                 attn_head_dim=cfg.attn_head_dim, rotary_dim=cfg.rotary_dim, d_state=cfg.d_state, d_conv=cfg.d_conv,
                 expand=cfg.expand, headdim=cfg.headdim, chunk_size=cfg.chunk_size, scan_mode=cfg.scan_mode,
-                stem_channels=cfg.stem_channels, drop_path_rate=cfg.drop_path, aux_weight=cfg.aux_weight)
+                stem_channels=cfg.stem_channels, drop_path_rate=cfg.drop_path, aux_weight=cfg.aux_weight,
+                stem=cfg.stem)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -273,7 +277,8 @@ def _cfg(preset: str) -> dict[str, Any]:
     size = cfg.image_size
     return dict(url="", num_classes=cfg.num_classes, input_size=(3, size, size), pool_size=None,
                 crop_pct=cfg.crop_pct, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                first_conv="patch_embed.conv1", classifier="head", license="apache-2.0")
+                first_conv="patch_embed.conv1" if cfg.stem == "lvvit" else "patch_embed.stages.0.0", classifier="head",
+                license="apache-2.0")
 
 
 default_cfgs = generate_default_cfgs({f"demansia2_{p}": _cfg(p) for p in ("micro", "tiny", "small")})
