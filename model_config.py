@@ -439,7 +439,7 @@ class FaceConfig(BaseConfig):
         # Every preset carries the whole network (backbone and every architecture field), so presets compose
         # predictably: the last one listed decides the network.
         # micro (CPU): a convolutional stem of stride 8 (8x8 tokens at 64 px) before 2 bidirectional Mamba-2 layers.
-        # On real faces (ORL, benchmarks/RESULTS.md "Real data") it lifts R-precision 0.59 -> 0.71 over the patch conv.
+        # On real faces (ORL, benchmarks/RESULTS.md "Real data") it lifts R-precision 0.57 -> 0.70 over the patch conv.
         "micro": dict(backbone="mamba", stem="conv", stem_channels=32, patch_size=4, d_model=64, depth=2, d_state=16,
                       d_conv=4, expand=2, headdim=16, bidirectional=True, pos_embed=True, embedding_dim=64,
                       image_size=64, epochs=15, batch_size=32, lr=2e-3, warmup_epochs=1.0),
@@ -450,7 +450,8 @@ class FaceConfig(BaseConfig):
                       d_state=64, d_conv=4, expand=2, headdim=64, bidirectional=True, pos_embed=True, embedding_dim=512,
                       image_size=112),
         "published": dict(backbone="mamba", stem="patch", stem_channels=32, patch_size=8, d_model=128, depth=6,
-                          d_state=64, d_conv=4, expand=2, headdim=32, bidirectional=False, pos_embed=False, embedding_dim=128, image_size=128,
+                          d_state=64, d_conv=4, expand=2, headdim=32, bidirectional=False, pos_embed=False,
+                          embedding_dim=128, image_size=128,
                           loss="triplet", miner="all", margin=0.2, stage2_miner="hard", m_per_class=2,
                           stage2_epoch=10, stage2_from_best=True, early_stop_patience=10, optimizer="adamw",
                           lr=3e-3, warmup_epochs=10.0, min_lr=1e-6, sched_interval="epoch", epochs=20, batch_size=32,
@@ -460,7 +461,8 @@ class FaceConfig(BaseConfig):
     CHECKS: ClassVar[dict[str, Check]] = {
         "backbone": NON_EMPTY, "patch_size": at_least(1), "stem_channels": at_least(1), "d_model": at_least(1),
         "depth": at_least(1), "d_state": at_least(1), "d_conv": at_least(1), "expand": at_least(1),
-        "headdim": at_least(1), "embedding_dim": at_least(1), "margin": above(0), "scale": above(0), "stage2_epoch": at_least(0),
+        "headdim": at_least(1), "embedding_dim": at_least(1), "margin": above(0), "scale": above(0),
+        "stage2_epoch": at_least(0),
         "early_stop_patience": at_least(0), "num_classes": at_least(0),
         "pairs_file": Free("a file (or auto / none), checked when the data loads"), "m_per_class": at_least(1),
         "init_from": Free("a checkpoint path, checked when it is opened"),

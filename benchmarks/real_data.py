@@ -10,7 +10,7 @@ both scored on the task's test split beside the task's floor.
 
 Each row is a `train.py` run (in this process, `--logger none`) stopped when its training time reaches the budget,
 then `trainer.test` on the last weights. Rows per task:
-- demansia2: the default network vs `--set backbone=test_resnet` (timm, 0.37M parameters; micro has 0.29M).
+- demansia2: the default network vs `--set backbone=test_resnet` (timm, 0.37M parameters; micro has 0.36M).
   A folder without train/ (Imagenette's val/ only) is split 80/20 per class into symlinked train/ and val/ folders.
 - face: the default Mamba encoder vs `--set backbone=test_resnet`.
 - agegender: the default (a timm CNN, resnet10t, 5M parameters) vs the zoo's Mamba backbone
@@ -28,8 +28,9 @@ retrieval on the test identities (face; with a pairs file also the pairs protoco
 the share of the majority answer); hand: the expected rank-1 and mAP of a random embedding under the same
 gallery protocol, the majority gender and age group of the test split, and under the table the rank-1 of always
 answering the most frequent subject and the rank-1 / mAP of the raw pixels (32x32, cosine; often near-duplicate
-photos of one hand make this the floor that matters); palm: the same fixed-noise loss of a denoiser that outputs zeros, and under the
-table that of the best constant output image fitted on the training split (a network that learned only the mean). With
+photos of one hand make this the floor that matters); palm: the same fixed-noise loss of a denoiser that outputs
+zeros, and under the table that of the best constant output image fitted on the training split (a network that
+learned only the mean). With
 EMA (demansia2, palm) the test scores the EMA weights; demansia2's last validation EMA and raw top-1 are printed under
 the table, which shows whether the average lags the raw weights.
 `--row "LABEL=KEY=VALUE;KEY=VALUE"` adds a row with those `--set` overrides (e.g. to try a preset change), and

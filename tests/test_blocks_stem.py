@@ -51,3 +51,17 @@ def test_demansia2_takes_either_stem():
         DeMansia2Net(**{**net_kwargs(base), "stem": "patch"})
     model = timm.create_model("demansia2_micro")
     assert isinstance(model.get_submodule(model.pretrained_cfg["first_conv"]), nn.Conv2d)
+
+
+def test_configs_saved_before_the_stem_field_keep_their_stem():
+    """Checkpoints written before `stem` existed carry no such field: they must rebuild the stem they were trained
+    with (LV-ViT's / the patch conv), not the new micro default, or their weights would not load."""
+    from model_config import FaceConfig
+    from models.demansia2 import DeMansia2
+    from models.face import FaceEmbedder
+
+    for module_cls, cfg_cls, key in ((DeMansia2, DeMansia2Config, "model.patch_embed.conv1.weight"),
+                                     (FaceEmbedder, FaceConfig, "net.encoder.patch_embed.proj.weight")):
+        saved = cfg_cls.from_presets("micro").to_dict()
+        assert saved.pop("stem") != cfg_cls().stem  # micro's stem is the new one
+        assert key in module_cls(config=saved).state_dict()
