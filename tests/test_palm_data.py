@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(**kw) -> PalmConfig:
-    return PalmConfig.from_presets("micro").replace(image_size=16, num_workers=0, batch_size=2, **kw)
+    return PalmConfig.from_presets("micro").replace(**{"image_size": 16, "num_workers": 0, "batch_size": 2, **kw})
 
 
 def write(path, size=(24, 16), color=(200, 150, 120), fmt=None):
@@ -107,3 +107,16 @@ def test_demo_palms_in_the_folder_per_person_layout(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "palms").iterdir() if p.is_dir())[0] == "person_000"
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (2, 3, 16, 16) and labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_too_few_images_to_validate_is_an_up_front_error(tmp_path, n):
+    # one or two images leave the validation share empty: no val/loss, so no best-*.ckpt; said before training
+    for k in range(n):
+        write(tmp_path / "p1" / f"{k}.png")
+    with pytest.raises(ZooError, match=rf"{n} readable image.*at least 3.*split=1,0,0"):
+        PalmDataModule(cfg(batch_size=1), data_dir=tmp_path).setup("fit")
+    # asked for explicitly, training without validation stays possible
+    dm = PalmDataModule(cfg(batch_size=1, split=(1.0, 0.0, 0.0)), data_dir=tmp_path)
+    dm.setup("fit")
+    assert dm.describe()["train"] == n

@@ -146,3 +146,249 @@ def test_evaluate_identity_with_a_face_checkpoint_and_errors(palm, tmp_path, cap
     assert predict.main(["--ckpt", palm_ckpt, "quality", str(tmp_path / "gen"), "--real", str(tmp_path / "gen")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--inception PATH" in err and "nothing is downloaded" in err and len(err.splitlines()) == 1
+
+
+# ----- faults of issue 27: bounds, unwritable --out, overwrite, interrupt + resume, incomplete sets, bad files -----
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def forbid_sampling(monkeypatch):
+    """Any sampling fails the test: the checks under test must come before it."""
+    from models.palm.variations import IdentitySampler
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampling started before the up-front checks")
+        yield  # pragma: no cover - a generator, like the real one
+
+    monkeypatch.setattr(IdentitySampler, "generate", sampled)
+
+
+def refuse_writes_under(folder, monkeypatch):
+    """`folder` read-only. chmod does it for a normal user; root writes through any mode bits, so there the test makes
+    the file-creating calls refuse paths under `folder` exactly as the kernel does (PermissionError, errno 13)."""
+    import builtins
+    import io
+    import os
+
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+    base = str(folder.resolve())
+
+    def under(p) -> bool:
+        return os.path.abspath(os.fspath(p)).startswith(base)
+
+    def refuse(p):
+        raise PermissionError(13, "Permission denied", os.fspath(p))
+
+    real_open, real_mkdir, real_rename, real_replace = builtins.open, os.mkdir, os.rename, os.replace
+
+    def open_(file, mode="r", *a, **k):
+        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+") and under(file):
+            refuse(file)
+        return real_open(file, mode, *a, **k)
+
+    def mkdir(p, *a, **k):
+        if under(p):
+            refuse(p)
+        return real_mkdir(p, *a, **k)
+
+    def moved(real):
+        def move(src, dst, *a, **k):
+            if under(dst):
+                refuse(dst)
+            return real(src, dst, *a, **k)
+        return move
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "rename", moved(real_rename))
+    monkeypatch.setattr(os, "replace", moved(real_replace))
+
+
+def test_generate_checks_counts_and_a_writable_out_before_sampling(palm, tmp_path, monkeypatch, capsys):
+    _, ckpt = palm
+    forbid_sampling(monkeypatch)
+    base = ["--ckpt", ckpt, "generate", "--out", str(tmp_path / "new")]
+    assert predict.main([*base, "--individuals", "1000000000", "--per-individual", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--individuals 1000000000" in err and "100000" in err and len(err.splitlines()) == 1
+    assert predict.main([*base, "--individuals", "2", "--per-individual", "5000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--per-individual 5000" in err and "1000" in err
+    assert not (tmp_path / "new").exists()  # nothing written for refused counts
+    # a read-only --out: one line naming it, exit 2, before anything is sampled
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    refuse_writes_under(ro, monkeypatch)
+    for out in (ro, ro / "set"):
+        assert predict.main(["--ckpt", ckpt, "generate", "--individuals", "2", "--per-individual", "2",
+                             "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert str(out) in err and "writ" in err and len(err.splitlines()) == 1, err
+
+
+def test_the_sampler_does_not_list_every_individual(palm):
+    model, _ = palm
+    sampler = model.identity_sampler(steps=1, variation=0.0, batch_size=1)
+    i, images = next(sampler.generate(10 ** 12, 1))  # a list of 10**12 indices would need 8 TB
+    assert i == 0 and images.shape == (1, 3, 16, 16)
+
+
+def test_overwrite_removes_only_what_the_previous_generation_wrote(palm, tmp_path, capsys):
+    _, ckpt = palm
+    out = tmp_path / "set"
+    run = ["--ckpt", ckpt, "generate", "--out", str(out), "--steps", "2"]
+    assert predict.main([*run, "--individuals", "3", "--per-individual", "3"]) == 0
+    (out / "README.txt").write_text("notes of the user")  # unrelated: must survive
+    (out / "mine").mkdir()
+    (out / "mine" / "0.png").write_bytes((out / "id_00000" / "0.png").read_bytes())
+    assert predict.main([*run, "--individuals", "1", "--per-individual", "1", "--overwrite"]) == 0
+    assert sorted(read_set(out)) == ["id_00000/0.png", "mine/0.png"]
+    assert (out / "README.txt").read_text() == "notes of the user"
+    meta = json.loads((out / ".generation.json").read_text())
+    assert meta["individuals"] == 1 and meta["per_individual"] == 1 and meta["completed"] == 1
+    # a file the user put inside a generated folder: --overwrite refuses, naming it, and deletes nothing
+    (out / "id_00000" / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert predict.main([*run, "--individuals", "2", "--per-individual", "1", "--overwrite"]) == 2
+    assert "keep.txt" in capsys.readouterr().err
+    assert (out / "id_00000" / "0.png").is_file() and (out / "id_00000" / "keep.txt").is_file()
+
+
+def test_a_rerun_with_other_settings_is_refused_and_a_complete_set_is_left_alone(palm, tmp_path, capsys):
+    _, ckpt = palm
+    out = tmp_path / "set"
+    run = ["--ckpt", ckpt, "generate", "--out", str(out), "--steps", "2", "--individuals", "2", "--per-individual", "2"]
+    assert predict.main(run) == 0
+    before = read_set(out)
+    capsys.readouterr()
+    assert predict.main(run) == 0  # same command again: complete, nothing to do
+    assert "complete" in capsys.readouterr().out
+    assert predict.main([*run, "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "seed" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    after = read_set(out)
+    assert sorted(after) == sorted(before) and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_inception_weights_and_recognizer_files_are_checked(palm, tmp_path, capsys):
+    import pickle
+
+    _, ckpt = palm
+    raw = tmp_path / "inception_v3_google-0cc3c7bd.pth"
+    raw.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))  # a raw pickle, not a torch file
+    capsys.readouterr()
+    assert predict.main(["--ckpt", ckpt, "quality", str(tmp_path), "--real", str(tmp_path),
+                         "--inception", str(raw)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(raw) in err and "--inception" in err and len(err.splitlines()) == 1
+    # a missing recogniser: predict.py's words (no train.py --resume hint)
+    assert predict.main(["--ckpt", ckpt, "evaluate-identity", "--recognizer", str(tmp_path / "face.ckpt"),
+                         str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--recognizer" in err and "face.ckpt" in err and "--resume" not in err
+
+
+def interrupt_generate(ckpt: str, out, extra: list[str]):
+    """predict.py generate in a subprocess, SIGINT (as Ctrl-C) once the first individual's folder exists."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # A shell starts background jobs with SIGINT ignored (then Python installs no KeyboardInterrupt handler): the
+    # child restores the default handler before running predict.py, as a terminal's foreground process has it.
+    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "predict.py"), "--ckpt", ckpt, "generate",
+                             "--out", str(out), *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "id_00000").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "generation ended before the interrupt: " + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
+GEN = ["--individuals", "40", "--per-individual", "2", "--steps", "2", "--batch-size", "2", "--seed", "4"]
+
+
+@pytest.fixture(scope="module")
+def interrupted(palm, tmp_path_factory):
+    """(exit status, stdout, stderr, folder) of a generation of 40 x 2 interrupted after its first individual."""
+    _, ckpt = palm
+    out = tmp_path_factory.mktemp("interrupted") / "set"
+    return (*interrupt_generate(ckpt, out, GEN), out)
+
+
+def test_an_interrupted_generate_leaves_only_complete_individuals_and_says_so(interrupted):
+    code, stdout, stderr, out = interrupted
+    assert code == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    message = stderr.strip().splitlines()[-1]
+    folders = sorted(p.name for p in out.iterdir())
+    people = [f for f in folders if f.startswith("id_")]
+    assert folders == [".generation.json", *people]  # no half-written folder left, hidden or not
+    assert 1 <= len(people) < 40 and f"{len(people)} of 40" in message and "again" in message, message
+    for name in people:  # every folder that exists is complete
+        images = sorted((out / name).iterdir())
+        assert [p.name for p in images] == ["0.png", "1.png"]
+        assert all(np.asarray(Image.open(p)).shape == (16, 16, 3) for p in images)
+    meta = json.loads((out / ".generation.json").read_text())
+    assert meta["individuals"] == 40 and meta["per_individual"] == 2 and meta["completed"] == len(people)
+    assert meta["status"] == "interrupted"
+
+
+def test_readers_say_a_generated_set_is_incomplete(palm, interrupted, capsys):
+    from datamodules.lfw import LFWDataModule
+    from model_config import FaceConfig
+
+    _, _, _, out = interrupted
+    people = len([p for p in out.iterdir() if p.name.startswith("id_")])
+    cfg = FaceConfig.from_presets("micro").replace(image_size=16, num_workers=0, min_images_per_person=1)
+    try:
+        LFWDataModule(cfg, data_dir=out).setup("fit")
+    except Exception:  # too few identities to train is fine here: the notice comes first
+        pass
+    err = capsys.readouterr().err
+    assert f"{people} of 40" in err and "incomplete" in err and "generate" in err, err
+    from models.palm.verbs import identity_report
+
+    class Pixels:  # a stand-in recogniser: mean colour as the embedding
+        TASK = "none"
+        cfg = type("C", (), {"image_size": 16})
+
+        def embed(self, x):
+            return x.mean((2, 3))
+
+    if people >= 2:
+        identity_report(Pixels(), out)
+        err = capsys.readouterr().err
+        assert f"{people} of 40" in err and "incomplete" in err
+
+
+def test_the_same_command_resumes_an_interrupted_set(palm, interrupted, tmp_path, capsys):
+    import shutil
+
+    _, ckpt = palm
+    _, _, _, first = interrupted
+    out = tmp_path / "set"
+    shutil.copytree(first, out)
+    kept = read_set(out)
+    assert predict.main(["--ckpt", ckpt, "generate", "--out", str(out), *GEN]) == 0
+    done = read_set(out)
+    assert sorted(done) == [f"id_{i:05d}/{k}.png" for i in range(40) for k in range(2)]
+    assert all(np.array_equal(kept[k], done[k]) for k in kept)  # the finished individuals were not redrawn
+    meta = json.loads((out / ".generation.json").read_text())
+    assert meta["status"] == "complete" and meta["completed"] == 40
+    # the resumed individuals are those an uninterrupted run draws
+    model, _ = palm
+    generate(model, tmp_path / "fresh", 40, 2, seed=4, steps=2, batch_size=8, progress=False)
+    fresh = read_set(tmp_path / "fresh")
+    assert all(np.array_equal(fresh[k], done[k]) for k in fresh)
