@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from datamodules.base import ZooDataModule
 from datamodules.demo import jitter, mark_demo, prototypes, smooth_pattern
+from datamodules.generated_set import warn_if_incomplete
 from datamodules.lfw_pairs import Pair, PairSet, load_pairs
 from datamodules.pk_sampler import PKBatchSampler
 from zoo.errors import ZooError
@@ -184,6 +185,7 @@ class LFWDataModule(ZooDataModule):
             return
         cfg = self.cfg
         self.layout = layout = detect_layout(self.root)
+        warn_if_incomplete(self.root, layout.root)  # a set `predict.py generate` did not finish
         k = max(1, int(cfg.min_images_per_person))
         if layout.kind == "split":
             people = {s: scan_people(layout.root / s) if (layout.root / s).is_dir() else {} for s in SPLITS}

@@ -4,11 +4,13 @@ per person.
 Layout: `<root>/**/<image>` with jpg / jpeg / png / bmp / tif / tiff (any letter case; every format PIL reads).
 When images sit in sub-folders, the first-level sub-folder is the person (`<root>/<person>/**/<image>`): that identity
 label is kept for the identity metrics and for training a recogniser on the same folder. Images directly in `<root>`
-are one identity each. Unreadable files (empty, truncated, not an image) and files that are not images are reported
+are one identity each. A generated set that is incomplete (its .generation.json says so) is named in a warning.
+Unreadable files (empty, truncated, not an image) and files that are not images are reported
 (count and the first names) and skipped before training starts; an empty folder is a ZooError.
 
 Images are resized (shorter side) and center-cropped to `cfg.image_size`, RGB, float in [0, 1] (the diffusion
-normalises to [-1, 1] itself); training adds a horizontal flip with `cfg.hflip`. The split is per image, seeded.
+normalises to [-1, 1] itself); training adds a horizontal flip with `cfg.hflip`. The split is per image, seeded; a
+folder too small to fill the validation and test shares (fewer than 3 images) is an error before training.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 
 from datamodules.base import ZooDataModule
+from datamodules.generated_set import warn_if_incomplete
 from zoo.errors import ZooError
 from zoo.images import find_bad_images, is_image, load_rgb
 
@@ -208,6 +211,7 @@ class PalmDataModule(ZooDataModule):
         if self.splits:
             return
         root = self.root
+        warn_if_incomplete(root)
         scan = scan_palms(root)
         if not scan.items:
             found = sum(len(v) for v in scan.skipped.values())
@@ -223,6 +227,12 @@ class PalmDataModule(ZooDataModule):
         index = {name: i for i, name in enumerate(self.identities)}
         items = [(p, index[person]) for p, person in scan.items]
         parts = split_items(len(items), tuple(self.cfg.split), int(self.cfg.seed))
+        empty = [name for name, f in zip(("val", "test"), tuple(self.cfg.split)[1:]) if f > 0 and not parts[name]]
+        if empty:  # no val/loss, hence no best-*.ckpt: said before training rather than by Lightning's warnings
+            raise ZooError(f"--data-dir {root}: {len(items)} readable image(s) leave the {' and '.join(empty)} share "
+                           f"of split={','.join(f'{f:g}' for f in self.cfg.split)} empty; holding one image out for "
+                           f"validation (val/loss picks best-*.ckpt) and one for test needs at least 3. Add images, or "
+                           f"train on all of them without validation (last.ckpt only): --set split=1,0,0.")
         self.splits = {name: [items[i] for i in idx] for name, idx in parts.items()}
 
     def describe(self) -> dict[str, Any]:

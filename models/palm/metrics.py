@@ -3,6 +3,7 @@ EER of same- vs different-individual pairs in a recogniser's embedding space), o
 FID / KID (torchmetrics) against real images when Inception weights are available locally."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,10 @@ def rank1_identification(embeddings: Tensor, labels: Tensor) -> float:
 
 
 # ----- FID / KID -----
+WEIGHTS_HINT = ("Give inception_v3_google-*.pth (torchvision) or, with torch-fidelity installed, "
+                "pt_inception-2015-12-05-*.pth.")
+
+
 class TorchvisionInception(torch.nn.Module):
     """torchvision's Inception v3 up to the 2048-d average pool, from a local weights file (weights_only load):
     uint8 (B, 3, H, W) -> (B, 2048) float. Resized to 299 and ImageNet-normalised inside."""
@@ -73,12 +78,29 @@ class TorchvisionInception(torch.nn.Module):
         net = inception_v3(weights=None, aux_logits=True, init_weights=False)
         from zoo.checkpoint import safe_load
 
-        state = safe_load(weights, what="Inception weight file")
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:  # the zoo's one safe reader: tensors and plain data only, nothing in the file runs
+            with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: the error below says it
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                state = safe_load(weights, what="Inception weight file")
+        except ZooError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a raw pickle, a truncated or foreign file: said in one line
+            import pickle
+
+            detail = ("a pickle torch.save did not write, or one a weights-only load refuses"
+                      if isinstance(e, pickle.UnpicklingError) else (str(e).splitlines() or [""])[0][:120])
+            raise ZooError(f"--inception {weights}: not a checkpoint that can be read safely ({type(e).__name__}: "
+                           f"{detail}). {WEIGHTS_HINT}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ZooError(f"--inception {weights}: holds no state dict of tensors. {WEIGHTS_HINT}")
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # same names, other shapes
+            raise ZooError(f"--inception {weights}: not torchvision Inception v3 weights ({str(e)[:160]}). "
+                           f"{WEIGHTS_HINT}") from None
         if missing:
             raise ZooError(f"--inception {weights}: not torchvision Inception v3 weights ({len(missing)} missing keys, "
-                           f"e.g. {missing[0]}). Give inception_v3_google-*.pth (torchvision) or, with torch-fidelity "
-                           f"installed, pt_inception-2015-12-05-*.pth.")
+                           f"e.g. {missing[0]}). {WEIGHTS_HINT}")
         net.fc = torch.nn.Identity()
         self.net = net.eval()
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))

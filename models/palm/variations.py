@@ -18,7 +18,7 @@ images do not depend on the batch size, on the other individuals or on the devic
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 import numpy as np
 import torch
@@ -117,12 +117,14 @@ class IdentitySampler:
                                    progress=progress))
         return torch.cat(out)
 
-    def generate(self, individuals: int, n: int, progress: Callable[[int], None] | None = None
-                 ) -> Iterator[tuple[int, Tensor]]:
-        """(individual index, its (n, 3, S, S) images) for individuals 0 .. individuals - 1."""
-        ids = list(range(individuals))
+    def generate(self, individuals: int, n: int, progress: Callable[[int], None] | None = None,
+                 skip: Container[int] = ()) -> Iterator[tuple[int, Tensor]]:
+        """(individual index, its (n, 3, S, S) images) for individuals 0 .. individuals - 1 except those in `skip`
+        (already written: a resumed generation draws exactly what an uninterrupted one would). Lazy in the count."""
         for c in range(0, individuals, self.batch_size):
-            chunk = ids[c:c + self.batch_size]
+            chunk = [i for i in range(c, min(individuals, c + self.batch_size)) if i not in skip]
+            if not chunk:
+                continue
             bases = self.bases(chunk, progress) if self.method == "renoise" else [None] * len(chunk)
             for i, base in zip(chunk, bases):
                 yield i, self.individual(i, n, base, progress)

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from datamodules.generated_set import RECORD, read_record, warn_if_incomplete, write_record
 from zoo.commands import Command
 from zoo.errors import ZooError
 from zoo.images import load_rgb
@@ -23,10 +29,30 @@ def person_name(i: int) -> str:
 
 
 # ----- generate -----
+# Upper bounds of a generation (documented in docs/palm.md): 10**5 individuals x 10**3 images is 10**8 files, beyond
+# any folder a recogniser is trained from; larger counts are almost always a typo (or an extra zero).
+MAX_INDIVIDUALS = 100_000
+MAX_PER_INDIVIDUAL = 1_000
+PARTIAL = ".partial-"  # an individual being written: <out>/.partial-id_00003/, renamed to id_00003/ when complete
+# The settings a resumed generation must share with the run it completes ("weights": a fingerprint of the sampled
+# weights, so a set is never finished by another checkpoint).
+REQUEST_KEYS = ("individuals", "per_individual", "seed", "steps", "variation", "method", "raw_weights", "image_size",
+                "weights")
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `generate`, after the set's record says what was written: `completed` of `individuals`."""
+
+    def __init__(self, out: Path, completed: int, individuals: int, per_individual: int):
+        super().__init__()
+        self.out, self.completed, self.individuals, self.per_individual = out, completed, individuals, per_individual
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--individuals", type=int, required=True, help="M synthetic individuals")
-    p.add_argument("--per-individual", type=int, required=True, help="N images of each")
-    p.add_argument("--out", required=True, help="folder to write <out>/<individual>/<k>.png into")
+    p.add_argument("--individuals", type=int, required=True, help=f"M synthetic individuals (1 .. {MAX_INDIVIDUALS})")
+    p.add_argument("--per-individual", type=int, required=True, help=f"N images of each (1 .. {MAX_PER_INDIVIDUAL})")
+    p.add_argument("--out", required=True, help="folder to write <out>/<individual>/<k>.png into; the same command "
+                   "again finishes an interrupted set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's sampling_steps)")
     p.add_argument("--variation", type=float, default=0.35, help="how far an individual's images may move, 0..1 "
@@ -36,64 +62,208 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                         "Diff-Palm's shared initial and late-step noise")
     p.add_argument("--batch-size", type=int, default=16, help="images per denoiser call")
     p.add_argument("--raw-weights", action="store_true", help="sample from the raw (non-EMA) weights")
-    p.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files")
+    p.add_argument("--overwrite", action="store_true", help="replace the set in --out: deletes what its previous "
+                   "generation wrote (the folders its .generation.json records), nothing else")
 
 
 def _check_generate_args(args) -> Path:
-    if args.individuals < 1 or args.per_individual < 1:
-        raise ZooError(f"--individuals {args.individuals} --per-individual {args.per_individual}: both must be >= 1.")
+    for flag, value, top in (("--individuals", args.individuals, MAX_INDIVIDUALS),
+                             ("--per-individual", args.per_individual, MAX_PER_INDIVIDUAL)):
+        if not 1 <= value <= top:
+            raise ZooError(f"{flag} {value}: must be between 1 and {top} (--individuals <= {MAX_INDIVIDUALS}, "
+                           f"--per-individual <= {MAX_PER_INDIVIDUAL}).")
     if not 0.0 <= args.variation <= 1.0:
         raise ZooError(f"--variation {args.variation}: must be between 0 (identical images) and 1.")
     if args.steps is not None and args.steps < 1:
         raise ZooError(f"--steps {args.steps}: must be >= 1.")
     if args.batch_size < 1:
         raise ZooError(f"--batch-size {args.batch_size}: must be >= 1.")
-    out = Path(args.out).expanduser()
-    if out.is_file():
+    return Path(args.out).expanduser()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's weights (names, shapes, dtypes and values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _index_of(name: str, prefix: str = "") -> int | None:
+    """i for a folder named <prefix>id_XXXXX (as `person_name(i)` writes it), else None."""
+    rest = name[len(prefix):] if name.startswith(prefix) else None
+    if rest is None or not rest.startswith("id_") or not rest[3:].isdigit() or person_name(int(rest[3:])) != rest:
+        return None
+    return int(rest[3:])
+
+
+def _generated_folders(out: Path, record: dict) -> list[Path]:
+    """The folders (finished or partial) of individuals a generation's record names, that exist in `out`."""
+    total = int(record.get("individuals", 0))
+    found = []
+    for p in out.iterdir():
+        i = _index_of(p.name, PARTIAL if p.name.startswith(PARTIAL) else "")
+        if i is not None and i < total and p.is_dir():
+            found.append(p)
+    return sorted(found)
+
+
+def _remove_images(folders: list[Path], per_individual: int, why: str) -> None:
+    """Delete the images 0.png .. (per_individual - 1).png of each folder and the folder itself; a ZooError naming
+    the first other file, before anything is deleted, when a folder holds one."""
+    names = {f"{k}.png" for k in range(per_individual)}
+    for folder in folders:
+        other = next((p for p in sorted(folder.iterdir()) if p.name not in names or not p.is_file()), None)
+        if other is not None:
+            raise ZooError(f"{why}: {other} was not written by that generation, so nothing was deleted. Move it out "
+                           f"of {folder.parent}, or give another --out.")
+    for folder in folders:
+        for p in folder.iterdir():
+            p.unlink()
+        folder.rmdir()
+
+
+def _prepare_out(out: Path, request: dict, overwrite: bool) -> set[int]:
+    """Make `out` ready for the requested set (before anything is sampled) and return the individuals already written
+    there by an interrupted run of the same request (resumed); a ZooError when `out` holds something else."""
+    if out.exists() and not out.is_dir():
         raise ZooError(f"--out {out} is a file; give a folder.")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ZooError(f"--out {out} already holds files; a generated set must not mix with other images. Give an "
-                       f"empty or new folder, or add --overwrite.")
-    return out
+    record = read_record(out) if out.is_dir() else None
+    if out.is_dir() and (out / RECORD).exists() and record is None:
+        raise ZooError(f"--out {out}: {out / RECORD} cannot be read, so what it generated is unknown. Delete the "
+                       f"folder (or that file) yourself, or give another --out.")
+    if record is not None and overwrite:
+        _remove_images(_generated_folders(out, record), int(record.get("per_individual", 0)),
+                       f"--overwrite {out}")
+        (out / RECORD).unlink()
+        record = None
+    if record is not None:
+        differ = [f"{k} {record[k]} -> {request[k]}" for k in REQUEST_KEYS if k in record and record[k] != request[k]]
+        if differ:
+            raise ZooError(f"--out {out} holds a set generated with other settings ({', '.join(differ)}); finishing "
+                           f"it needs the same ones (its first command: {record.get('command') or 'see ' + RECORD}). "
+                           f"Add --overwrite to replace it, or give another --out.")
+        if record.get("status", "complete") == "complete":
+            return set(range(request["individuals"]))
+        partial = [p for p in _generated_folders(out, record) if p.name.startswith(PARTIAL)]
+        _remove_images(partial, request["per_individual"], f"resuming {out}")
+        return {i for p in _generated_folders(out, record) if (i := _index_of(p.name)) is not None}
+    if out.is_dir():
+        taken = next((p for p in sorted(out.iterdir()) if _index_of(p.name) is not None
+                      or _index_of(p.name, PARTIAL) is not None), None)
+        if taken is not None:
+            raise ZooError(f"--out {out} holds {taken.name}/ but no {RECORD}, so it was not written by a generation "
+                           f"this zoo can resume or replace. Move it away, or give another --out.")
+        if any(out.iterdir()) and not overwrite:
+            raise ZooError(f"--out {out} already holds files; a generated set must not mix with other images. Give "
+                           f"an empty or new folder, or add --overwrite.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ZooError(f"--out {out} cannot be created ({e.strerror or e}); give a folder you can write to.") from None
+    return set()
 
 
 def generate(model, out: str | Path, individuals: int, per_individual: int, seed: int = 0, steps: int | None = None,
              variation: float = 0.35, method: str = "renoise", batch_size: int = 16, raw: bool = False,
-             progress: bool = True) -> list[Path]:
+             progress: bool = True, overwrite: bool = False, command: str | None = None) -> list[Path]:
     """Write `individuals` x `per_individual` PNGs to out/<id_XXXXX>/<k>.png (the people layout the zoo's recognisers
-    read) and out/.generation.json (the settings); returns the paths written."""
+    read) and out/.generation.json (datamodules/generated_set.py: what was asked, then what was completed); returns
+    the paths written by this call.
+
+    Each individual's folder is written under a hidden name and renamed when complete. A set interrupted before
+    (same settings and weights) is resumed: only its missing individuals are drawn, exactly as an uninterrupted run
+    would draw them. `overwrite` first deletes what the previous generation recorded (nothing else). Ctrl-C leaves
+    the record saying what was written and raises `GenerationInterrupted`.
+    """
     from tqdm.auto import tqdm
 
     out = Path(out)
     sampler = model.identity_sampler(steps, variation, method, seed, batch_size, raw)
-    bar = tqdm(total=sampler.model_calls(individuals, per_individual), desc="generating palms", unit="step",
-               disable=not progress)
-    written = []
-    with torch.no_grad():
-        for i, images in sampler.generate(individuals, per_individual, progress=bar.update):
-            folder = out / person_name(i)
-            folder.mkdir(parents=True, exist_ok=True)
-            arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-            for k, a in enumerate(arrays):
-                path = folder / f"{k}.png"
-                Image.fromarray(a).save(path)
-                written.append(path)
-    bar.close()
-    (out / ".generation.json").write_text(json.dumps(
-        {"individuals": individuals, "per_individual": per_individual, "seed": seed, "steps": sampler.steps,
-         "variation": variation, "method": method, "raw_weights": raw, "image_size": model.cfg.image_size}, indent=2))
+    request = {"individuals": individuals, "per_individual": per_individual, "seed": seed, "steps": sampler.steps,
+               "variation": variation, "method": method, "raw_weights": raw, "image_size": model.cfg.image_size,
+               "weights": weights_fingerprint(sampler.diffusion)}
+    done = _prepare_out(out, request, overwrite)
+    record = {**request, "status": "running", "completed": len(done), "layout": "id_XXXXX/<k>.png (5-digit index)",
+              "command": command}
+    if len(done) == individuals:
+        return []
+    try:  # the first write into --out: a folder that cannot be written fails here, before any sampling
+        write_record(out, record)
+    except OSError as e:
+        raise ZooError(f"--out {out} cannot be written ({e.strerror or e}); give a folder you can write to.") from None
+    bar = tqdm(total=sampler.model_calls(individuals - len(done), per_individual), desc="generating palms",
+               unit="step", disable=not progress)
+    written: list[Path] = []
+    partial = None
+    try:
+        with torch.no_grad():
+            for i, images in sampler.generate(individuals, per_individual, progress=bar.update, skip=done):
+                partial = out / (PARTIAL + person_name(i))
+                partial.mkdir()
+                arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+                for k, a in enumerate(arrays):
+                    Image.fromarray(a).save(partial / f"{k}.png")
+                os.rename(partial, out / person_name(i))
+                partial = None
+                written += [out / person_name(i) / f"{k}.png" for k in range(len(arrays))]
+                record["completed"] += 1
+                write_record(out, record)
+        record["status"] = "complete"
+    except KeyboardInterrupt:
+        record["status"] = "interrupted"
+        raise GenerationInterrupted(out, record["completed"], individuals, per_individual) from None
+    except OSError as e:
+        record["status"] = "failed"
+        raise ZooError(f"--out {out}: writing stopped ({type(e).__name__}: {e}); {record['completed']} of "
+                       f"{individuals} individuals are complete. Free space or fix the folder, then run the same "
+                       f"command again to finish the set.") from None
+    finally:
+        bar.close()
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            write_record(out, record)
     return written
+
+
+def _command_line(args) -> str:
+    """The predict.py command that (re)runs this generation, for the set's record and its notices."""
+    parts = ["python predict.py", "--ckpt", args.ckpt, "generate", "--individuals", args.individuals,
+             "--per-individual", args.per_individual, "--out", args.out, "--seed", args.seed, "--variation",
+             args.variation, "--method", args.method]
+    if args.steps is not None:
+        parts += ["--steps", args.steps]
+    if args.raw_weights:
+        parts.append("--raw-weights")
+    return " ".join(shlex.quote(str(p)) if not str(p).startswith("python ") else str(p) for p in parts)
 
 
 def _generate(model, args) -> int:
     out = _check_generate_args(args)
     if not args.raw_weights:
         _ = model.ema_diffusion  # the clear error when the checkpoint has no EMA weights
-    written = generate(model.to(args.device), out, args.individuals, args.per_individual, args.seed, args.steps,
-                       args.variation, args.method, args.batch_size, args.raw_weights)
-    print(f"wrote {len(written)} images of {args.individuals} individuals to {out}/<individual>/<k>.png "
-          f"({model.cfg.image_size} px, {args.method}, variation {args.variation}, seed {args.seed}). Train a "
-          f"recogniser on it: python train.py --model face --data-dir {out}")
+    try:
+        written = generate(model.to(args.device), out, args.individuals, args.per_individual, args.seed, args.steps,
+                           args.variation, args.method, args.batch_size, args.raw_weights, overwrite=args.overwrite,
+                           command=_command_line(args))
+    except GenerationInterrupted as e:
+        print(f"interrupted: {e.out} holds {e.completed} of {e.individuals} individuals, each complete "
+              f"({e.completed * e.per_individual} images; recorded in {RECORD}). Run the same command again to "
+              f"write the other {e.individuals - e.completed}.", file=sys.stderr)
+        return 130
+    if not written:
+        print(f"{out} already holds the complete set ({args.individuals} x {args.per_individual}); nothing written. "
+              f"Add --overwrite to generate it again.")
+        return 0
+    print(f"wrote {len(written)} images of {len(written) // args.per_individual} individuals to "
+          f"{out}/<individual>/<k>.png ({model.cfg.image_size} px, {args.method}, variation {args.variation}, seed "
+          f"{args.seed}; the set holds {args.individuals} x {args.per_individual}). Train a recogniser on it: "
+          f"python train.py --model face --data-dir {out}")
     return 0
 
 
@@ -102,7 +272,11 @@ def load_recognizer(path: str | Path, device: str = "cpu"):
     """A zoo embedding checkpoint (a task whose model has `embed`), or a ZooError naming the task it holds."""
     from zoo.checkpoint import checkpoint_task, load_model, read_checkpoint
 
-    task = checkpoint_task(read_checkpoint(path), path)
+    if not Path(path).expanduser().is_file():
+        raise ZooError(f"--recognizer {path}: no such file. Give an embedding checkpoint of the "
+                       f"{' or '.join(EMBEDDING_TASKS)} task written by train.py (checkpoints/face/<run>/last.ckpt or "
+                       f"best-*.ckpt), or its .safetensors export.")
+    task = checkpoint_task(read_checkpoint(path, for_predict=True), path)
     if task == "palm" or not task:
         raise ZooError(f"--recognizer {path} holds a '{task}' model, which embeds nothing. Give an embedding "
                        f"checkpoint of the {' or '.join(EMBEDDING_TASKS)} task (train one: python train.py --model face).")
@@ -140,6 +314,7 @@ def identity_report(recognizer, folder: str | Path, batch_size: int = 64) -> dic
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ZooError(f"{root} is not a folder. Expected one sub-folder per individual: <folder>/<person>/<image>.")
+    warn_if_incomplete(root)
     scan = scan_palms(root)
     names = scan.identities
     counts = {n: sum(1 for _, p in scan.items if p == n) for n in names}
