@@ -121,10 +121,14 @@ def _remove_images(folders: list[Path], per_individual: int, why: str) -> None:
         if other is not None:
             raise ZooError(f"{why}: {other} was not written by that generation, so nothing was deleted. Move it out "
                            f"of {folder.parent}, or give another --out.")
-    for folder in folders:
-        for p in folder.iterdir():
-            p.unlink()
-        folder.rmdir()
+    try:
+        for folder in folders:
+            for p in folder.iterdir():
+                p.unlink()
+            folder.rmdir()
+    except OSError as e:
+        raise ZooError(f"{why}: cannot delete {e.filename} ({e.strerror or e}); give a folder you can write to.") \
+            from None
 
 
 def _prepare_out(out: Path, request: dict, overwrite: bool) -> set[int]:
@@ -139,7 +143,8 @@ def _prepare_out(out: Path, request: dict, overwrite: bool) -> set[int]:
     if record is not None and overwrite:
         _remove_images(_generated_folders(out, record), int(record.get("per_individual", 0)),
                        f"--overwrite {out}")
-        (out / RECORD).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (out / RECORD).unlink()
         record = None
     if record is not None:
         differ = [f"{k} {record[k]} -> {request[k]}" for k in REQUEST_KEYS if k in record and record[k] != request[k]]
