@@ -229,7 +229,7 @@ class PalmDataModule(ZooDataModule):
         parts = split_items(len(items), tuple(self.cfg.split), int(self.cfg.seed))
         empty = [name for name, f in zip(("val", "test"), tuple(self.cfg.split)[1:]) if f > 0 and not parts[name]]
         if empty:  # no val/loss, hence no best-*.ckpt: said before training rather than by Lightning's warnings
-            raise ZooError(f"--data-dir {root}: {len(items)} readable image(s) leave the {' and '.join(empty)} share "
+            raise ZooError(f"--data-dir {root}: {len(items)} readable image(s) leave the {' and '.join(empty)} share{'s' * (len(empty) > 1)} "
                            f"of split={','.join(f'{f:g}' for f in self.cfg.split)} empty; holding one image out for "
                            f"validation (val/loss picks best-*.ckpt) and one for test needs at least 3. Add images, or "
                            f"train on all of them without validation (last.ckpt only): --set split=1,0,0.")

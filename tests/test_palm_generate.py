@@ -13,6 +13,7 @@ import predict
 import train
 from models.palm.metrics import auc_eer, rank1_identification
 from models.palm.verbs import generate
+from zoo.errors import ZooError
 
 TINY_FLAGS = ["--set", "image_size=16", "--set", "unet_dim=8", "--set", "dim_mults=1,2", "--set", "vss_levels=1",
               "--set", "vss_d_state=4", "--set", "timesteps=50", "--set", "sampling_steps=6", "--set", "num_workers=0",
@@ -309,7 +310,7 @@ def interrupt_generate(ckpt: str, out, extra: list[str]):
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "id_00000").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.005)
     assert proc.poll() is None, "generation ended before the interrupt: " + proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -367,10 +368,12 @@ def test_readers_say_a_generated_set_is_incomplete(palm, interrupted, capsys):
         def embed(self, x):
             return x.mean((2, 3))
 
-    if people >= 2:
+    try:
         identity_report(Pixels(), out)
-        err = capsys.readouterr().err
-        assert f"{people} of 40" in err and "incomplete" in err
+    except ZooError:  # a single finished individual is too few to score: the notice comes first
+        assert people == 1
+    err = capsys.readouterr().err
+    assert f"{people} of 40" in err and "incomplete" in err
 
 
 def test_the_same_command_resumes_an_interrupted_set(palm, interrupted, tmp_path, capsys):
@@ -387,8 +390,9 @@ def test_the_same_command_resumes_an_interrupted_set(palm, interrupted, tmp_path
     assert all(np.array_equal(kept[k], done[k]) for k in kept)  # the finished individuals were not redrawn
     meta = json.loads((out / ".generation.json").read_text())
     assert meta["status"] == "complete" and meta["completed"] == 40
-    # the resumed individuals are those an uninterrupted run draws
+    # the resumed individuals are those an uninterrupted run draws (the last two, drawn on their own here)
     model, _ = palm
-    generate(model, tmp_path / "fresh", 40, 2, seed=4, steps=2, batch_size=8, progress=False)
-    fresh = read_set(tmp_path / "fresh")
-    assert all(np.array_equal(fresh[k], done[k]) for k in fresh)
+    sampler = model.identity_sampler(steps=2, seed=4, batch_size=8)
+    for i, images in sampler.generate(40, 2, skip=range(38)):
+        fresh = (images.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+        assert all(np.array_equal(fresh[k], done[f"id_{i:05d}/{k}.png"]) for k in range(2))
