@@ -112,6 +112,12 @@ def _generated_folders(out: Path, record: dict) -> list[Path]:
     return sorted(found)
 
 
+def _count_finished(out: Path, record: dict) -> int:
+    """Individuals whose folder is in place (read from the disk: an interrupt may fall between a rename and the
+    count)."""
+    return sum(1 for p in _generated_folders(out, record) if not p.name.startswith(PARTIAL))
+
+
 def _remove_images(folders: list[Path], per_individual: int, why: str) -> None:
     """Delete the images 0.png .. (per_individual - 1).png of each folder and the folder itself; a ZooError naming
     the first other file, before anything is deleted, when a folder holds one."""
@@ -220,10 +226,10 @@ def generate(model, out: str | Path, individuals: int, per_individual: int, seed
                 write_record(out, record)
         record["status"] = "complete"
     except KeyboardInterrupt:
-        record["status"] = "interrupted"
+        record.update(status="interrupted", completed=_count_finished(out, record))
         raise GenerationInterrupted(out, record["completed"], individuals, per_individual) from None
     except OSError as e:
-        record["status"] = "failed"
+        record.update(status="failed", completed=_count_finished(out, record))
         raise ZooError(f"--out {out}: writing stopped ({type(e).__name__}: {e}); {record['completed']} of "
                        f"{individuals} individuals are complete. Free space or fix the folder, then run the same "
                        f"command again to finish the set.") from None
@@ -261,6 +267,9 @@ def _generate(model, args) -> int:
               f"({e.completed * e.per_individual} images; recorded in {RECORD}). Run the same command again to "
               f"write the other {e.individuals - e.completed}.", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # before the first write into --out
+        print(f"interrupted before anything was generated into {out}.", file=sys.stderr)
+        return 130
     if not written:
         print(f"{out} already holds the complete set ({args.individuals} x {args.per_individual}); nothing written. "
               f"Add --overwrite to generate it again.")
@@ -277,7 +286,8 @@ def load_recognizer(path: str | Path, device: str = "cpu"):
     """A zoo embedding checkpoint (a task whose model has `embed`), or a ZooError naming the task it holds."""
     from zoo.checkpoint import checkpoint_task, load_model, read_checkpoint
 
-    if not Path(path).expanduser().is_file():
+    path = Path(path).expanduser()
+    if not path.is_file():
         raise ZooError(f"--recognizer {path}: no such file. Give an embedding checkpoint of the "
                        f"{' or '.join(EMBEDDING_TASKS)} task written by train.py (checkpoints/face/<run>/last.ckpt or "
                        f"best-*.ckpt), or its .safetensors export.")
