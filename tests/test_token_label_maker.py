@@ -171,7 +171,24 @@ def test_a_zoo_checkpoint_teacher_and_the_predict_verb(tmp_path):
     assert len(labels) == 24
     label = torch.load(labels[0], weights_only=True)
     assert label.shape[:2] == (2, 5) and label[1].max() < len(CLASSES)
-    # The same labels through the command line, by checkpoint path: nothing left to write.
     assert load_teacher(str(ckpt)).num_classes == len(CLASSES)
-    student = train.run([*common, "--run-name", "student", "--set", f"token_label_dir={tmp_path / 'labels'}"])
+    # `--set teacher=CKPT` finds every label there (resumable: nothing rewritten) and trains on them.
+    stamp = labels[0].stat().st_mtime_ns
+    student = train.run([*common, "--run-name", "student", "--set", f"token_label_dir={tmp_path / 'labels'}",
+                         "--set", f"teacher={ckpt}"])
     assert np.isfinite(float(student["trainer"].callback_metrics["train/loss"]))
+    assert labels[0].stat().st_mtime_ns == stamp
+
+
+def test_teacher_without_a_label_dir_uses_a_cache_folder_per_teacher_and_data(tmp_path, monkeypatch):
+    from datamodules.imagenet import ImageNetDataModule
+    from model_config import DeMansia2Config
+
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    data = image_folder(tmp_path / "data", per_class=1)
+    cfg = DeMansia2Config.from_presets("micro").replace(teacher="test_resnet", num_workers=0)
+    dm = ImageNetDataModule(cfg, data_dir=data)
+    root = dm.token_label_root()
+    assert root.parent == tmp_path / "cache" / "token_labels" and root.name.startswith("test_resnet-")
+    other = ImageNetDataModule(cfg.replace(teacher="resnet18"), data_dir=data).token_label_root()
+    assert other != root

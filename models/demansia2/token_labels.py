@@ -166,7 +166,8 @@ def write_token_labels(teacher: Teacher, images: list[tuple[Path, int]], classes
         raise ZooError(f"{len(classes)} classes: fp16 label files hold class indices exactly only up to 2048")
     todo = [(p, c) for p, c in images if not label_path(out, p).is_file()]
     skipped = len(images) - len(todo)
-    transform, net = teacher.transform(), teacher.net.eval().to(device)
+    transform = teacher.transform()
+    teacher.net.eval().to(device)
     failed: list[ImageReadError] = []
     written, grid, start = 0, None, time.perf_counter()
     bar = None
@@ -226,9 +227,10 @@ def teacher_from_module(module, name: str, image_size: int | None = None) -> Tea
 def teacher_from_timm(name: str, pretrained: bool = False, image_size: int | None = None,
                       num_classes: int | None = None) -> Teacher:
     """A timm classifier by name (`pretrained=True`: its published weights, downloaded when online)."""
+    from timm.data import resolve_data_config
+
     import models  # noqa: F401  (registers the zoo's own timm names)
     from models.backbones import create_backbone
-    from timm.data import resolve_data_config
 
     net = create_backbone(name, pretrained=pretrained, num_classes=num_classes)  # None: the model's own classes
     data = resolve_data_config({}, model=net)
