@@ -255,6 +255,7 @@ class DeMansia2Config(BaseConfig):
     # training
     label_smoothing: float = 0.1
     token_label_dir: str | None = None  # LV-ViT token labels: <dir>/<class>/<stem>.pt
+    teacher: str | None = None  # makes missing token labels first: a zoo checkpoint, or a timm name (pretrained)
     token_label_weight: float = 1.0  # weight of the dense token loss
     cls_label_weight: float = 1.0  # weight of the class-token loss
     mix_token: bool = True
@@ -317,7 +318,8 @@ class DeMansia2Config(BaseConfig):
         "stem_channels": at_least(1), "drop_path": between(0, 1, hi_open=True), "num_classes": at_least(1),
         "class_names": Free("set from the data; its length is checked against num_classes"),
         "crop_pct": between(0, 1, lo_open=True), "label_smoothing": between(0, 1, hi_open=True),
-        "token_label_dir": Free("a folder, checked when the data loads"), "token_label_weight": at_least(0),
+        "token_label_dir": Free("a folder, checked when the data loads"),
+        "teacher": Free("a classifier checkpoint or a timm name, checked when the data loads"), "token_label_weight": at_least(0),
         "cls_label_weight": at_least(0), "aux_weight": at_least(0), "ema_decay": between(0, 1, hi_open=True),
         "backbone": NON_EMPTY, "random_erasing": between(0, 1), "crop_scale_min": between(0, 1, lo_open=True),
         "randaugment": Matches(r"((rand|augmix|original|originalr|v0|v0r|3a)(-[\w.]+)*)?",

@@ -59,12 +59,15 @@ import torch  # noqa: E402
 
 ROWS = {
     "demansia2": [("default (DeMansia 2)", []), ("timm test_resnet", ["--set", "backbone=test_resnet"])],
+    # The same DeMansia 2 with token labels made by the test_resnet row of the same seed (its last weights as the
+    # teacher; `TEACHER_ROWS`): the recipe of docs/demansia2.md for small data.
     "face": [("default (Mamba encoder)", []), ("timm test_resnet", ["--set", "backbone=test_resnet"])],
     "agegender": [("default (timm resnet10t)", []), ("zoo demansia2_micro", ["--set", "backbone=demansia2_micro"]),
                   ("timm test_resnet", ["--set", "backbone=test_resnet"])],
     "hand": [("default (VMamba U-Net)", []), ("timm test_convnext", ["--set", "backbone=test_convnext"])],
     "palm": [("default (Unet + VSS)", []), ("Unet with attention", ["--set", "mixer=attention"])],
 }
+TEACHER_ROWS = {"demansia2": [("DeMansia 2 + CNN token labels", "timm test_resnet", [])]}
 # Applied to every row of the task (before the command line's --set): the protocol with a test split, and the real
 # 11k Hands samples name more images in HandInfo.csv than they hold.
 TASK_SETS = {"hand": ["--set", "protocol=open_set", "--set", "skip_missing_images=true"]}
@@ -260,7 +263,16 @@ def run_row(task: str, data_dir: Path, extra: list[str], preset: str, budget_s: 
         metrics.update({k.split("/dataloader_idx")[0]: float(v) for k, v in r.items()})
     n = model.parameter_count()  # without a weight copy (palm's EMA)
     return {"params": n, "epochs": budget.epochs, "seconds": budget.elapsed, "metrics": metrics, "dm": dm,
-            "last_val": last_val}
+            "last_val": last_val, "ckpt": trainer.checkpoint_callback.last_model_path}
+
+
+def make_labels(ckpt: str, data_dir: Path, out: Path) -> float:
+    """Token labels of `data_dir`'s train split by the classifier in `ckpt`; returns the seconds it took."""
+    from models.demansia2.token_labels import load_teacher, make_token_labels
+
+    start = time.perf_counter()
+    make_token_labels(load_teacher(ckpt), data_dir, out, progress=False)
+    return time.perf_counter() - start
 
 
 def summarise(values: list[float], fmt: str = ".3f") -> str:
@@ -288,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-rows-only", action="store_true", help="only the --row rows (no default and CNN rows)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="seeds per row (0..N-1), rows interleaved (default 1)")
+    p.add_argument("--no-teacher-rows", action="store_true", help="demansia2: skip the row trained on the CNN row's "
+                   "token labels")
     args = p.parse_args(argv)
     rows_spec = [] if args.extra_rows_only else list(ROWS[args.task])
+    teacher_rows = [] if args.extra_rows_only or args.no_teacher_rows else TEACHER_ROWS.get(args.task, [])
     for spec in args.row:
         label, _, sets = spec.partition("=")
         rows_spec.append((label, [a for kv in sets.split(";") if kv.strip() for a in ("--set", kv.strip())]))
@@ -307,11 +322,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "demansia2":
             data_dir = imagefolder_split(data_dir, Path(tmp))
         runs: dict[str, list[dict]] = {name: [] for name, _ in rows_spec}
+        runs.update({name: [] for name, _, _ in teacher_rows})
         for seed in range(args.seeds):
             for name, extra in rows_spec:
                 print(f"\n=== {args.task}: {name}, seed {seed} ===", flush=True)
                 runs[name].append(run_row(args.task, data_dir, [*extra, "--seed", str(seed)], args.preset,
                                           60 * args.budget_minutes, common))
+            for name, teacher_row, extra in teacher_rows:
+                print(f"\n=== {args.task}: {name}, seed {seed} (teacher: {teacher_row}) ===", flush=True)
+                labels = Path(tmp) / f"token-labels-seed{seed}"
+                label_s = make_labels(runs[teacher_row][-1]["ckpt"], data_dir, labels)
+                row = run_row(args.task, data_dir, [*extra, "--seed", str(seed), "--set", f"token_label_dir={labels}"],
+                              args.preset, 60 * args.budget_minutes, common)
+                row["teacher_seconds"] = runs[teacher_row][-1]["seconds"] + label_s
+                runs[name].append(row)
         # The split may follow the seed (face, agegender): the floor is taken on each seed's test split and averaged.
         floors = [floor(args.task, r["dm"]) for r in runs[rows_spec[0][0]]]
         base = {k: float(np.mean([f[k] for f in floors])) for k in floors[0]}
@@ -329,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     floor_name = {"demansia2": "chance", "agegender": "trivial predictor", "face": "raw-pixel cosine",
                   "hand": "chance / majority", "palm": "zero denoiser"}[args.task]
     lines.append(f"| floor: {floor_name:<19} | - | - | - | {floor_vals} |")
+    for name, rs in runs.items():
+        if "teacher_seconds" in rs[0]:
+            lines.append(f"\n{name}: the teacher's training and labelling took {np.mean([r['teacher_seconds'] for r in rs]):.0f} s "
+                         f"before the student's {np.mean([r['seconds'] for r in rs]):.0f} s")
     for name, r in rows:
         if "val/top1_raw" in r["last_val"]:
             lines.append(f"\n{name}: last validation top-1 {r['last_val']['val/top1']:.3f} with the EMA weights "

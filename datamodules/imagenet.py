@@ -22,7 +22,7 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
-from datamodules.base import ZooDataModule
+from datamodules.base import REPO_ROOT, ZooDataModule
 from datamodules.demo import jitter, mark_demo, prototypes
 from datamodules.recorded_crop import RecordedCropFlip
 from zoo.checkpoint import safe_load
@@ -145,8 +145,9 @@ class TokenLabelDataset(ImageFolderDataset):
         path = self.label_path(image)
         if not path.is_file():
             raise ZooError(f"Token label file missing for image {image}: expected {path} "
-                           f"(<token_label_dir>/<class folder>/<image stem>.pt). Generate labels for every training "
-                           f"image, or train without --set token_label_dir.")
+                           f"(<token_label_dir>/<class folder>/<image stem>.pt). Make labels for every training image "
+                           f"(`python -m models.demansia2.token_labels DATA --teacher T --out DIR`, or train with "
+                           f"--set teacher=T), or train without --set token_label_dir.")
         try:
             label_map = safe_load(path, "token label file")
         except ZooError:
@@ -221,10 +222,37 @@ class ImageNetDataModule(ZooDataModule):
         self.train_index = drop_unreadable(self.train_index, strict, f"{root}/train")
         self.val_index = drop_unreadable(self.val_index, strict, f"{root}/val")
         self.names = class_names(root, self.train_index.classes)
-        label_dir = getattr(self.cfg, "token_label_dir", None)
-        if label_dir and not Path(label_dir).expanduser().is_dir():
+        label_dir = self.token_label_root()
+        if label_dir and not label_dir.is_dir() and not getattr(self.cfg, "teacher", None):
             raise ZooError(f"token_label_dir {label_dir} is not a directory. Expected <dir>/<class folder>/"
                            f"<image stem>.pt (LV-ViT token labels) for every training image.")
+
+    def token_label_root(self) -> Path | None:
+        """Where the token labels are: `token_label_dir`, else with a `teacher` a cache folder named for the teacher
+        and the data (<ZOO_CACHE_DIR or .zoo_cache>/token_labels/<teacher>-<hash>); None without either."""
+        label_dir, teacher = getattr(self.cfg, "token_label_dir", None), getattr(self.cfg, "teacher", None)
+        if label_dir:
+            return Path(label_dir).expanduser()
+        if not teacher:
+            return None
+        import hashlib
+
+        key = hashlib.sha256(f"{Path(teacher).expanduser().resolve() if Path(teacher).expanduser().is_file() else teacher}"
+                             f"|{self.root.resolve()}".encode()).hexdigest()[:12]
+        name = Path(teacher).stem if Path(teacher).expanduser().is_file() else teacher.replace("/", "_")
+        return Path(os.environ.get("ZOO_CACHE_DIR") or REPO_ROOT / ".zoo_cache") / "token_labels" / f"{name}-{key}"
+
+    def prepare_data(self) -> None:
+        """The demo set, then with `teacher` the token labels that are missing (once, on rank 0; resumable)."""
+        super().prepare_data()
+        teacher = getattr(self.cfg, "teacher", None)
+        if teacher:
+            from models.demansia2.token_labels import load_teacher, make_token_labels
+
+            spec = load_teacher(teacher, pretrained=not Path(teacher).expanduser().is_file())
+            out = self.token_label_root()
+            print(f"token labels: teacher {teacher} -> {out} (made once, then reused)", flush=True)
+            make_token_labels(spec, self.root, out)
 
     def config_overrides(self) -> dict[str, Any]:
         return {"num_classes": len(self.train_index.classes), "class_names": tuple(self.names)}
@@ -249,7 +277,7 @@ class ImageNetDataModule(ZooDataModule):
         return eval_transform(self.cfg.image_size, self.cfg.crop_pct)
 
     def train_dataset(self) -> Dataset:
-        label_dir = getattr(self.cfg, "token_label_dir", None)
+        label_dir = self.token_label_root()
         if not label_dir:
             return ImageFolderDataset(self.train_index, self.train_transform())
         _, augment, final = self.train_transform(separate=True)
@@ -257,7 +285,7 @@ class ImageNetDataModule(ZooDataModule):
                                 interpolation=self.cfg.train_interpolation)
         from torchvision.transforms import Compose
 
-        return TokenLabelDataset(self.train_index, self.root, Path(label_dir).expanduser(), crop,
+        return TokenLabelDataset(self.train_index, self.root, label_dir, crop,
                                  Compose([*augment.transforms, *final.transforms]))
 
     def train_dataloader(self):

@@ -27,9 +27,9 @@ def build_network(cfg: DeMansia2Config) -> nn.Module:
     from models.backbones import check_backbone_name
 
     check_backbone_name(cfg.backbone)
-    if cfg.token_label_dir:
-        raise ZooError(f"--set token_label_dir needs the DeMansia 2 network (token logits); backbone={cfg.backbone} "
-                       f"has none. Drop one of the two settings.")
+    if cfg.token_label_dir or getattr(cfg, "teacher", None):
+        raise ZooError(f"--set token_label_dir / teacher need the DeMansia 2 network (token logits); "
+                       f"backbone={cfg.backbone} has none. Drop one of the two settings.")
     import timm
 
     extra = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
@@ -141,7 +141,7 @@ class DeMansia2(ZooModule):
         return eval_transform(self.cfg.image_size, self.cfg.crop_pct)
 
     def predict_commands(self) -> list:
-        from models.demansia2.verbs import classify_command
+        from models.demansia2.verbs import classify_command, token_labels_command
 
-        return [classify_command()]
+        return [classify_command(), token_labels_command()]
 

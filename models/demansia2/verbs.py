@@ -60,3 +60,23 @@ def _run(model, args: argparse.Namespace) -> int:
 def classify_command() -> Command:
     return Command(name="classify", help="top-k classes with probabilities for image files or folders",
                    add_arguments=_add_arguments, run=_run)
+
+
+def _add_token_label_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.demansia2.token_labels import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_token_labels(model, args: argparse.Namespace) -> int:
+    from models.demansia2.token_labels import make_token_labels, teacher_from_module
+
+    teacher = teacher_from_module(model, args.ckpt, args.image_size)
+    result = make_token_labels(teacher, args.data_dir, args.out, args.batch_size, args.device)
+    return 1 if result["failed"] else 0
+
+
+def token_labels_command() -> Command:
+    return Command(name="token-labels", help="LV-ViT token labels for an ImageFolder set, this model as the teacher "
+                   "(<out>/<class>/<stem>.pt, for --set token_label_dir)",
+                   add_arguments=_add_token_label_arguments, run=_run_token_labels)
