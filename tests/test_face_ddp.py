@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 from datamodules.pk_sampler import PKBatchSampler
 from datamodules.samplers import EpochShuffleSampler, RankShardSampler
-from models.face.metrics import calibrate_threshold, retrieval_metrics
+from models.face.metrics import retrieval_metrics
+from zoo.verification import calibrate_threshold
 from models.face.module import gather_rows
 
 N, CLASSES, DIM = 37, 6, 8  # 37: the two ranks' blocks differ in length (19 + 18)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from datamodules.lfw import LFWDataModule, detect_layout, split_identities, write_pairs_file
-from datamodules.lfw_pairs import best_threshold, kfold_verification, load_pairs, read_pairs
+from datamodules.lfw_pairs import load_pairs, read_pairs
+from zoo.verification import best_threshold, kfold_verification
 from datamodules.pk_sampler import PKBatchSampler
 from model_config import FaceConfig
 from zoo.errors import ZooError

@@ -11,7 +11,8 @@ from PIL import Image
 
 import predict
 import train
-from models.palm.metrics import auc_eer, rank1_identification
+from models.palm.metrics import rank1_identification
+from zoo.verification import auc_eer
 from models.palm.verbs import generate
 
 TINY_FLAGS = ["--set", "image_size=16", "--set", "unet_dim=8", "--set", "dim_mults=1,2", "--set", "vss_levels=1",

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.lfw_pairs import CALIBRATION_FOLD, best_threshold, kfold_verification, load_pairs
+from datamodules.lfw_pairs import load_pairs
+from zoo.verification import CALIBRATION_FOLD, best_threshold, kfold_verification
 from model_config import AgeGenderConfig, DeMansia2Config, FaceConfig, get_entry
 from zoo.errors import ZooError
 from zoo.images import load_rgb, save_rgb

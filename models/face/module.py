@@ -11,9 +11,10 @@ from torch import Tensor
 
 from losses.metric import MetricLoss
 from model_config import FaceConfig
-from models.face.metrics import calibrate_threshold, retrieval_metrics
+from models.face.metrics import retrieval_metrics, verify_pairs
 from models.face.model import FaceEmbeddingNet
 from zoo.module import ZooModule
+from zoo.verification import calibrate_threshold
 
 
 def gather_rows(tensors: list[Tensor], all_gather, world_size: int) -> list[Tensor]:
@@ -249,13 +250,3 @@ class FaceEmbedder(ZooModule):
 
         return face_commands()
 
-
-def verify_pairs(embeddings: Tensor, images: list, pairs: list):
-    """k-fold verification of `pairs` (datamodules.lfw_pairs.Pair) given (N, D) embeddings of `images` (same order)."""
-    from datamodules.lfw_pairs import kfold_verification
-
-    where = {p: i for i, p in enumerate(images)}
-    a = embeddings[[where[p.a] for p in pairs]]
-    b = embeddings[[where[p.b] for p in pairs]]
-    scores = (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).numpy()
-    return kfold_verification(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]))

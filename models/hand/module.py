@@ -8,39 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.hands11k import ASPECTS
 from losses.metric import MetricLoss
 from model_config import HandConfig
-from models.face.metrics import calibrate_threshold
-from models.hand.metrics import classification_metrics, open_set_metrics
+from models.hand.metrics import protocol_tables
 from models.hand.model import HandNet, load_vmamba_v0, timm_encoder
 from zoo.module import ZooModule
-
-HEADS = ("identity", "gender", "age")
-
-
-def protocol_tables(outputs: dict[str, Tensor], draws: int = 10, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Metrics overall and per aspect from concatenated outputs (identity/gender/age logits, embedding, and the
-    targets identity_t, gender_t, age_t, person, aspect): {"overall" | aspect: {"identity_acc", "identity_f1", ...,
-    "identity_top5", "rank1", "rank5", "mAP"}}. Retrieval is per aspect (gallery and queries of one aspect;
-    overall pools the aspects when no subject has two images of one aspect, as in small validation splits)."""
-    tables: dict[str, dict[str, float]] = {}
-    aspect = outputs["aspect"]
-    for name, keep in [("overall", torch.ones_like(aspect, dtype=torch.bool))] + [
-            (a, aspect == i) for i, a in enumerate(ASPECTS)]:
-        if not keep.any():
-            continue
-        row: dict[str, float] = {}
-        for head in HEADS:
-            for k, v in classification_metrics(outputs[head][keep], outputs[f"{head}_t"][keep], head == "identity").items():
-                row[f"{head}_{k}"] = v
-        retrieval = open_set_metrics(outputs["embedding"][keep], outputs["person"][keep], aspect[keep], draws, seed)
-        if name == "overall" and retrieval["rank1"] != retrieval["rank1"]:
-            # No subject has two images of one aspect (a small split): pool the aspects instead of reporting NaN.
-            retrieval = open_set_metrics(outputs["embedding"], outputs["person"], None, draws, seed)
-        row.update(retrieval)
-        tables[name] = row
-    return tables
+from zoo.verification import calibrate_threshold
 
 
 class HandBiometrics(ZooModule):
