@@ -86,7 +86,7 @@ class HandBiometrics(ZooModule):
         loss = sum(parts.values())
         bs = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/epoch_loss", loss, on_step=False, on_epoch=True, batch_size=bs)
+        self.log("train/epoch_loss", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         for k, v in parts.items():
             self.log(f"train/{k}_loss", v, batch_size=bs)
         return loss
@@ -113,23 +113,25 @@ class HandBiometrics(ZooModule):
         self._evaluate("test", calibrate=False)
 
     def _evaluate(self, prefix: str, calibrate: bool) -> None:
+        # Under DDP each rank scores its own shard: sync_dist=True logs the mean over ranks.
         collected, self._outputs = self._outputs, defaultdict(list)
         if not collected:
             return
         outputs = {k: torch.cat(v) for k, v in collected.items()}
-        self.log(f"{prefix}/loss", outputs.pop("loss").mean(), prog_bar=prefix == "val")
+        self.log(f"{prefix}/loss", outputs.pop("loss").mean(), prog_bar=prefix == "val", sync_dist=True)
         tables = protocol_tables(outputs, self.cfg.gallery_draws, self.cfg.split_seed)
         for name, row in tables.items():
             where = prefix if name == "overall" else f"{prefix}/{name.replace(' ', '_')}"
             for k, v in row.items():
                 if name == "overall" or k.endswith(("_acc", "_f1")) or k in ("rank1", "mAP"):
-                    self.log(f"{where}/{k}", v, prog_bar=name == "overall" and k in ("identity_acc", "rank1"))
+                    self.log(f"{where}/{k}", v, prog_bar=name == "overall" and k in ("identity_acc", "rank1"),
+                             sync_dist=True)
         thr, acc = calibrate_threshold(outputs["embedding"], outputs["person"])
         if thr == thr:  # not NaN
             if calibrate:
                 self.threshold.fill_(thr)
-            self.log(f"{prefix}/threshold", thr)
-            self.log(f"{prefix}/pair_balanced_acc", acc)
+            self.log(f"{prefix}/threshold", thr, sync_dist=True)
+            self.log(f"{prefix}/pair_balanced_acc", acc, sync_dist=True)
 
     # ----- set-up, optimisation, checkpoints -----
     def setup(self, stage: str) -> None:
