@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import predict
 import train
@@ -84,11 +85,17 @@ def test_enroll_identify_round_trip(trained, tmp_path, capsys):
     assert "identity" in capsys.readouterr().out
 
 
-def test_evaluate_prints_protocol_tables(trained, capsys):
+def test_evaluate_prints_protocol_tables(trained, capsys, tmp_path):
     ckpt = str(trained["run_dir"] / "last.ckpt")
     root = str(trained["datamodule"].root)
-    assert predict.main(["--ckpt", ckpt, "evaluate", root, "--json"]) == 0
+    assert predict.main(["--ckpt", ckpt, "evaluate", root, "--json", "--out", str(tmp_path / "hand.json")]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["plots"] == [str(tmp_path / "hand_roc.png"), str(tmp_path / "hand_det.png")]
+    for png in res["plots"]:  # ROC and DET curves beside the JSON
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size == (720, 540)
+    assert json.loads((tmp_path / "hand.json").read_text())["every_pair"] == res["every_pair"]
+    assert 0 <= res["every_pair"]["auc"] <= 1
     assert res["split"] == "val" and set(res["tables"]) == {"overall", "dorsal right"}  # the run's aspect filter
     assert {"identity_acc", "identity_f1", "identity_top5", "gender_precision", "age_recall", "rank1", "mAP"} <= set(
         res["tables"]["overall"])

@@ -41,7 +41,8 @@ def _identities(folder: str, split: str, min_images: int, cfg=None, everyone: bo
     Pre-split layout: the `split` folder. People layout: every identity with `everyone`, else the identity-disjoint
     `split` share that training drew with `cfg` (split fractions, seed, min_images_per_person).
     """
-    from datamodules.lfw import detect_layout, scan_people, split_identities
+    from datamodules.lfw import detect_layout, scan_people
+    from datamodules.splits import seeded_split
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -51,7 +52,7 @@ def _identities(folder: str, split: str, min_images: int, cfg=None, everyone: bo
     if layout.kind == "people" and not everyone:
         k = max(1, int(cfg.min_images_per_person))
         eligible = sorted(n for n, ims in people.items() if len(ims) >= k)
-        chosen = split_identities(eligible, tuple(cfg.split), int(cfg.seed))[split]
+        chosen = seeded_split(eligible, tuple(cfg.split), int(cfg.seed))[split]
         if not chosen:
             raise ZooError(f"{root}: the {split} split of the checkpoint's split={tuple(cfg.split)} holds no identity; "
                            f"use --all to score every identity.")
