@@ -121,14 +121,11 @@ def test_open_set_metrics_count_ties_against_the_query():
 
 def test_published_schedule_warms_up_then_steps():
     from model_config import HandConfig
+    from zoo.optim import build_optimizer, build_scheduler
 
     cfg = HandConfig.from_presets("published").replace(num_identities=3)
-    module = HandBiometrics.__new__(HandBiometrics)  # only configure_optimizers is exercised: no 44M-weight network
-    torch.nn.Module.__init__(module)
-    module.cfg = cfg
-    module.w = torch.nn.Parameter(torch.zeros(1))
-    module._updates_per_epoch = lambda: 1
-    s = HandBiometrics.configure_optimizers(module)["lr_scheduler"]["scheduler"]
+    # the schedule every task gets from zoo.optim (no 44M-weight network needed to check it)
+    s = build_scheduler(build_optimizer(torch.nn.Linear(1, 1), cfg), cfg, updates_per_epoch=1)
     lrs = {e: s._get_lr(e)[0] for e in (0, 5, 10, 29, 30, 69)}
     assert lrs[0] == pytest.approx(8e-6) and lrs[10] == pytest.approx(8e-4) and lrs[29] == pytest.approx(8e-4)
     assert lrs[30] == pytest.approx(4e-4) and lrs[69] == pytest.approx(4e-4) and 8e-6 < lrs[5] < 8e-4

@@ -146,23 +146,6 @@ class HandBiometrics(ZooModule):
                   f"{report['missing'][:5]}, {len(report['unexpected'])} checkpoint key(s) unused "
                   f"{report['unexpected'][:5]}, {len(report['mismatched'])} with another shape {report['mismatched'][:5]}")
 
-    def configure_optimizers(self):
-        if not self.cfg.decay_milestones:
-            return super().configure_optimizers()
-        from timm.scheduler import MultiStepLRScheduler
-
-        from zoo.optim import build_optimizer
-
-        cfg = self.cfg
-        optimizer = build_optimizer(self, cfg)
-        per_epoch = cfg.sched_interval == "epoch"
-        steps = 1 if per_epoch else self._updates_per_epoch()
-        # timm applies milestone m at t == m - 1 (its historical convention): +1 makes the lr change at epoch m.
-        scheduler = MultiStepLRScheduler(optimizer, decay_t=[int(m * steps) + 1 for m in cfg.decay_milestones],
-                                         decay_rate=cfg.decay_rate, warmup_t=int(cfg.warmup_epochs * steps),
-                                         warmup_lr_init=cfg.warmup_lr, warmup_prefix=False, t_in_epochs=per_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": cfg.sched_interval}}
-
     def configure_callbacks(self):
         if self.cfg.early_stopping_patience > 0:
             from lightning.pytorch.callbacks import EarlyStopping
