@@ -13,6 +13,7 @@ from losses.metric import MetricLoss
 from model_config import FaceConfig
 from models.face.metrics import retrieval_metrics, verify_pairs
 from models.face.model import FaceEmbeddingNet
+from zoo.embedding import Embedder
 from zoo.module import ZooModule
 from zoo.verification import calibrate_threshold
 
@@ -45,7 +46,7 @@ def all_gather_stacked(t: Tensor) -> Tensor:
     return torch.stack(parts)
 
 
-class FaceEmbedder(ZooModule):
+class FaceEmbedder(Embedder, ZooModule):
     """Face-embedding LightningModule (task "face"): `model(images (B, 3, S, S)) -> (B, D)` unit embeddings.
 
     Training: `cfg.loss` (triplet with a `cfg.miner`, ArcFace or CosFace; the loss is a submodule, so ArcFace /
@@ -81,13 +82,6 @@ class FaceEmbedder(ZooModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
-
-    @torch.no_grad()
-    def embed(self, images: Tensor, batch_size: int = 64) -> Tensor:
-        """Embeddings of a (N, 3, S, S) batch in eval mode, in chunks: (N, D) float32 on the CPU."""
-        self.eval()
-        return torch.cat([self(images[i:i + batch_size].to(self.device)).float().cpu()
-                          for i in range(0, len(images), batch_size)])
 
     def same_person(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """Cosine similarity of paired embeddings (N, D) x (N, D) -> (N,), and whether it reaches the threshold."""

@@ -12,11 +12,12 @@ from losses.metric import MetricLoss
 from model_config import HandConfig
 from models.hand.metrics import protocol_tables
 from models.hand.model import HandNet, load_vmamba_v0, timm_encoder
+from zoo.embedding import Embedder
 from zoo.module import ZooModule
 from zoo.verification import calibrate_threshold
 
 
-class HandBiometrics(ZooModule):
+class HandBiometrics(Embedder, ZooModule):
     """Hand-biometrics LightningModule (task "hand"): `model(images (B, 3, S, S))` -> dict of identity / gender /
     age logits, a unit embedding (B, E) and, with the decoder, silhouette logits (B, 1, S, S).
 
@@ -30,6 +31,7 @@ class HandBiometrics(ZooModule):
 
     TASK = "hand"
     CONFIG = HandConfig
+    EMBEDDING_KEY = "embedding"  # `embed` (zoo.embedding.Embedder) returns this output
 
     def __init__(self, config=None, task=None, **overrides):
         super().__init__(config, task, **overrides)
@@ -50,13 +52,6 @@ class HandBiometrics(ZooModule):
         if self.cfg.freeze_encoder_epochs < 0:
             self.net.encoder.eval()  # a frozen encoder runs as at inference (no drop path)
         return self
-
-    @torch.no_grad()
-    def embed(self, images: Tensor, batch_size: int = 32) -> Tensor:
-        """Unit embeddings (N, E) float32 on the CPU of a normalised (N, 3, S, S) batch, in eval mode."""
-        self.eval()
-        return torch.cat([self(images[i:i + batch_size].to(self.device))["embedding"].float().cpu()
-                          for i in range(0, len(images), batch_size)])
 
     # ----- losses -----
     def losses(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
