@@ -94,8 +94,9 @@ def test_evaluate_prints_protocol_tables(trained, capsys, tmp_path):
     for png in res["plots"]:  # ROC and DET curves beside the JSON
         with Image.open(png) as im:
             assert im.format == "PNG" and im.size == (720, 540)
-    assert json.loads((tmp_path / "hand.json").read_text())["every_pair"] == res["every_pair"]
-    assert 0 <= res["every_pair"]["auc"] <= 1
+    saved = json.loads((tmp_path / "hand.json").read_text())
+    assert (saved["split"], saved["images"]) == (res["split"], res["images"])
+    assert set(saved["every_pair"]) == {"auc", "eer", "tar_at_far_1e-3"}
     assert res["split"] == "val" and set(res["tables"]) == {"overall", "dorsal right"}  # the run's aspect filter
     assert {"identity_acc", "identity_f1", "identity_top5", "gender_precision", "age_recall", "rank1", "mAP"} <= set(
         res["tables"]["overall"])
