@@ -2,8 +2,9 @@
 
 Each model has one dataclass (our defaults) and named presets that override some fields: size presets
 (`micro` for CPU demos and tests, `tiny`, `small`, ...) and `published`, which reproduces the upstream project's
-published configuration (see ../shared/UPSTREAM.md) so the two can be compared on the same data with one flag.
-Presets compose left to right: `--preset tiny,published`.
+published configuration (docs/<task>.md says which) so the two can be compared on the same data with one flag.
+Presets compose left to right, a later one overriding the fields it names: `--preset published,micro` is the
+published recipe with micro's fields on top (`tiny,published` is just `published`, which names the whole network).
 
 Adding a model = one dataclass here + one `register(...)` line at the bottom.
 """
@@ -230,7 +231,7 @@ def split_check(cfg: Any) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class DeMansia2Config(BaseConfig):
-    """DeMansia 2: bidirectional Mamba-2 classifier with token labeling (UPSTREAM.md: DeMansia 2)."""
+    """DeMansia 2: bidirectional Mamba-2 classifier with token labeling (docs/demansia2.md)."""
 
     d_model: int = 96
     depth: int = 6
@@ -298,7 +299,7 @@ class DeMansia2Config(BaseConfig):
         "small": dict(d_model=384, depth=24, attn_layers=(10, 20), num_heads=6, attn_head_dim=96, rotary_dim=48,
                       d_state=128, d_conv=4, expand=2, headdim=96, chunk_size=64, image_size=224, patch_size=8,
                       stem="lvvit", stem_channels=64, num_classes=1000, scan_mode="bidirectional", mix_token=True),
-        # The published network (Tiny, chunk 256, the channel-flip "bidirectional" mixer) and recipe (UPSTREAM.md).
+        # The published network (Tiny, chunk 256, the channel-flip "bidirectional" mixer) and recipe (docs/demansia2.md).
         "published": dict(d_model=192, depth=24, attn_layers=(10, 20), num_heads=3, attn_head_dim=96, rotary_dim=48,
                           d_state=128, d_conv=4, expand=2, headdim=48, chunk_size=256, image_size=224, patch_size=8,
                           stem="lvvit", stem_channels=64, num_classes=1000, crop_pct=0.875,
@@ -348,7 +349,7 @@ class DeMansia2Config(BaseConfig):
 
 @dataclass
 class AgeGenderConfig(BaseConfig):
-    """Age regression + gender classification on a timm backbone (UPSTREAM.md: Age and gender)."""
+    """Age regression + gender classification on a timm backbone (docs/agegender.md)."""
 
     backbone: str = "efficientnet_b0"
     pretrained: bool = False  # timm / HF hub weights: downloaded when online, the local cache offline
@@ -396,7 +397,7 @@ class AgeGenderConfig(BaseConfig):
 
 @dataclass
 class FaceConfig(BaseConfig):
-    """Face embedding network trained with metric losses (UPSTREAM.md: Face recognition)."""
+    """Face embedding network trained with metric losses (docs/face.md)."""
 
     backbone: str = "mamba"  # "mamba" = our patch-embed + Mamba-2 stack, or any timm model name
     pretrained: bool = False
@@ -485,7 +486,7 @@ class FaceConfig(BaseConfig):
 @dataclass
 class HandConfig(BaseConfig):
     """Hand biometrics on 11k Hands: a VMamba v0 encoder + SUM-style U-Net decoder with identity, gender and age-group
-    heads and an embedding for open-set identification (UPSTREAM.md: Hand biometrics; docs/hand.md)."""
+    heads and an embedding for open-set identification (docs/hand.md)."""
 
     # data and protocol
     protocol: Literal["closed_set", "open_set"] = "closed_set"  # closed_set = upstream's per-aspect 80/20 split
@@ -597,7 +598,7 @@ class HandConfig(BaseConfig):
 
 @dataclass
 class PalmConfig(BaseConfig):
-    """Palm-image diffusion generator (UPSTREAM.md: Palm synthesis).
+    """Palm-image diffusion generator (docs/palm.md).
 
     Denoiser: denoising-diffusion-pytorch's `Unet(unet_dim, dim_mults)`; with `mixer="vss"` its attention at the
     innermost `vss_levels` resolutions (and the middle block) is replaced by the zoo's 2D selective-scan `VSSBlock`.

@@ -138,7 +138,7 @@ def floor(task: str, dm) -> dict[str, float]:
     emb = torch.nn.functional.normalize(images - images.mean(1, keepdim=True), dim=1)
     out = {f"test/{k}": v for k, v in retrieval_metrics(emb, labels).items()}
     if dm.pairs:  # the pairs protocol on raw pixels (same folds and threshold rule), and its majority answer
-        from models.face.module import verify_pairs
+        from models.face.metrics import verify_pairs
 
         pds = dm.pairs_dataset()
         pixels = torch.stack([pds[i][0] for i in range(len(pds))]).flatten(1)

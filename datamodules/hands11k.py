@@ -326,7 +326,7 @@ class Hands11kDataModule(ZooDataModule):
     def make_demo(self, root: Path) -> None:
         from datamodules.hands11k_demo import write_demo_hands
 
-        write_demo_hands(root)
+        write_demo_hands(root, COLUMNS, ASPECTS)
 
     # ----- reading -----
     def _read(self) -> None:

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datamodules.hands11k import ASPECTS, COLUMNS
-
 AGES = (18, 20, 21, 22, 23, 26, 35, 50)
 SKINS = ("fair", "medium", "dark", "very fair")
 
@@ -60,12 +58,16 @@ def _hand(rng: np.random.Generator, subject: dict, aspect: str, accessory: bool,
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def write_demo_hands(root: Path, n_subjects: int = 16, per_aspect: int = 5, accessory_rows: int = 6,
-                     size: tuple[int, int] = (80, 60), seed: int = 0) -> None:
-    """Write `n_subjects` x 4 aspects x `per_aspect` images (+ `accessory_rows` with accessories) under `root`."""
+def write_demo_hands(root: Path, columns: tuple[str, ...], aspects: tuple[str, ...], n_subjects: int = 16,
+                     per_aspect: int = 5, accessory_rows: int = 6, size: tuple[int, int] = (80, 60), seed: int = 0,
+                     ) -> None:
+    """Write `n_subjects` x 4 aspects x `per_aspect` images (+ `accessory_rows` with accessories) under `root`.
+
+    columns, aspects: the CSV's column names and the four aspect names (`datamodules.hands11k.COLUMNS`, `ASPECTS`;
+    given by the caller, so that this module does not import the data module that imports it)."""
     rng = np.random.default_rng(seed)
     (root / "Hands").mkdir(parents=True, exist_ok=True)
-    lines = [",".join(COLUMNS)]
+    lines = [",".join(columns)]
     n = 0
     for s in range(n_subjects):
         sid = f"{s * 7:07d}"  # zero-padded and not contiguous, as in the real CSV
@@ -79,8 +81,8 @@ def write_demo_hands(root: Path, n_subjects: int = 16, per_aspect: int = 5, acce
             "fingers": rng.uniform(0.3, 0.6, 5),
         }
         age, gender, skin = AGES[s % len(AGES)], ("male", "female")[s % 2], SKINS[s % len(SKINS)]
-        for aspect in ASPECTS:
-            extra = 1 if s < accessory_rows and aspect == ASPECTS[s % 4] else 0
+        for aspect in aspects:
+            extra = 1 if s < accessory_rows and aspect == aspects[s % 4] else 0
             for k in range(per_aspect + extra):
                 accessory = k == per_aspect
                 n += 1

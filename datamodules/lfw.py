@@ -22,6 +22,7 @@ from datamodules.demo import jitter, mark_demo, prototypes, smooth_pattern
 from datamodules.generated_set import warn_if_incomplete
 from datamodules.lfw_pairs import Pair, PairSet, load_pairs
 from datamodules.pk_sampler import PKBatchSampler
+from datamodules.splits import seeded_split
 from zoo.errors import ZooError
 from zoo.images import drop_bad_images, is_image, load_rgb, save_rgb
 
@@ -74,22 +75,6 @@ def detect_layout(root: Path) -> FaceLayout:
     found = ", ".join(p.name + "/" for p in _subdirs(root)[:5]) or "no sub-folders"
     raise ZooError(f"--data-dir {root}: no face images found in the expected layout (found {found}). Expected "
                    f"{LAYOUT_HELP}")
-
-
-def split_identities(names: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, list[str]]:
-    """Seeded identity-disjoint split of `names` by (train, val, test) fractions; val and test get at least one
-    identity each when their fraction is positive (and enough identities exist)."""
-    total = sum(fractions)
-    if total <= 0 or any(f < 0 for f in fractions):
-        raise ZooError(f"--set split={fractions}: expected three non-negative fractions (train, val, test).")
-    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    n = len(order)
-    counts = [int(round(n * f / total)) if f > 0 else 0 for f in fractions[1:]]
-    counts = [max(c, 1) if f > 0 and n >= 3 else c for c, f in zip(counts, fractions[1:])]
-    n_val, n_test = counts
-    n_train = n - n_val - n_test
-    return {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
-            "test": sorted(order[n_train + n_val:])}
 
 
 # ----- datasets and transforms -----
@@ -194,7 +179,7 @@ class LFWDataModule(ZooDataModule):
             self.people = {s: {n: ims for n, ims in p.items() if len(ims) >= k} for s, p in people.items()}
         else:
             everyone = {n: ims for n, ims in scan_people(layout.root).items() if len(ims) >= k}
-            split = split_identities(sorted(everyone), tuple(cfg.split), int(cfg.seed))
+            split = seeded_split(sorted(everyone), tuple(cfg.split), int(cfg.seed))
             self.people = {s: {n: everyone[n] for n in split[s]} for s in SPLITS}
         self.unreadable = drop_unreadable(self.people, bool(getattr(cfg, "strict_data", False)), str(layout.root))
         self.people = {s: {n: ims for n, ims in p.items() if len(ims) >= k} for s, p in self.people.items()}

@@ -1,4 +1,4 @@
-"""The LFW verification protocol: reading `pairs.txt` and the k-fold accuracy with thresholds chosen on other pairs.
+"""The LFW verification protocol's files: reading `pairs.txt` (scored by `zoo.verification.kfold_verification`).
 
 `pairs.txt` (LFW View 2) starts with a header `N F` (N folds, F pairs of each kind per fold; LFW: `10 300`), then per
 fold F same-person lines `name i j` and F different-person lines `name1 i name2 j`. Image i of a person is
@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from zoo.errors import ZooError
 from zoo.images import IMAGE_EXTENSIONS
+from zoo.verification import (
+    CALIBRATION_FOLD,  # Pair.fold of pairs used only to choose a one-fold file's threshold
+)
 
-CALIBRATION_FOLD = -1  # Pair.fold of pairs used only to choose the threshold of a one-fold file
 DEV_TRAIN = "pairsDevTrain.txt"
 
 
@@ -158,102 +158,3 @@ def load_pairs(pairs_file: str | Path, images_root: str | Path, exclude: set[Pat
                 kept += calib
                 calibration_file = dev_train
     return PairSet(pairs_file, kept, len(every), skipped, calibration_file)
-
-
-# ----- thresholds and k-fold accuracy -----
-def best_threshold(scores: np.ndarray, same: np.ndarray, balanced: bool = False) -> tuple[float, float]:
-    """The similarity threshold (same person iff score >= threshold) with the best accuracy on these pairs.
-
-    Candidates are the midpoints between consecutive distinct scores (plus both ends). With `balanced` the accuracy is
-    the mean of the true-positive and true-negative rates, i.e. the accuracy on a set with as many positive as negative
-    pairs, which is what a threshold calibrated on all pairs of a split needs (negatives outnumber positives).
-    Returns (threshold, accuracy).
-    """
-    scores, same = np.asarray(scores, dtype=np.float64), np.asarray(same, dtype=bool)
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], same[order]
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    # Predicting the first t (highest) scores as "same": t = 0..n.
-    tp = np.concatenate([[0], np.cumsum(y)])
-    fp = np.concatenate([[0], np.cumsum(~y)])
-    tn = n_neg - fp
-    if balanced:
-        acc = 0.5 * (tp / max(n_pos, 1) + tn / max(n_neg, 1))
-    else:
-        acc = (tp + tn) / max(len(s), 1)
-    # Only cut between distinct scores.
-    valid = np.ones(len(s) + 1, dtype=bool)
-    valid[1:-1] = s[:-1] != s[1:]
-    acc = np.where(valid, acc, -1.0)
-    t = int(np.argmax(acc))
-    if len(s) == 0:
-        return 0.5, 0.0
-    if t == 0:
-        thr = s[0] + 1e-6
-    elif t == len(s):
-        thr = s[-1] - 1e-6
-    else:
-        thr = 0.5 * (s[t - 1] + s[t])
-    return float(thr), float(acc[t])
-
-
-@dataclass
-class VerificationResult:
-    """k-fold verification: per-fold (threshold, accuracy), their mean and std, and the ROC AUC over all pairs."""
-
-    thresholds: list[float]
-    accuracies: list[float]
-    auc: float
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.accuracies))
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.accuracies))
-
-    def table(self) -> str:
-        rows = ["fold  threshold  accuracy"]
-        rows += [f"{i + 1:>4}  {t:>9.4f}  {a:>8.4f}" for i, (t, a) in enumerate(zip(self.thresholds, self.accuracies))]
-        rows.append(f"mean             {self.mean:.4f} +- {self.std:.4f}")
-        rows.append(f"ROC AUC          {self.auc:.4f}")
-        return "\n".join(rows)
-
-    def to_dict(self) -> dict:
-        return {"accuracy": self.mean, "accuracy_std": self.std, "auc": self.auc,
-                "folds": [{"threshold": t, "accuracy": a} for t, a in zip(self.thresholds, self.accuracies)]}
-
-
-def kfold_verification(scores: np.ndarray, same: np.ndarray, folds: np.ndarray, inner_folds: int = 10,
-                       ) -> VerificationResult:
-    """Accuracy on each fold at the best-accuracy threshold chosen on other pairs (LFW's protocol), and ROC AUC.
-
-    scores: (n,) similarities (higher = more alike); same: (n,) bool; folds: (n,) fold index of each pair, where
-    `CALIBRATION_FOLD` marks pairs used only to choose the threshold of a one-fold file (pairsDevTrain.txt). Several
-    folds: each fold's threshold comes from the other folds. One fold with calibration pairs: the threshold comes
-    from those. One fold alone: `inner_folds`-fold cross-validation inside it (pairs dealt round-robin). A threshold
-    is never chosen on the pairs it scores. The AUC is over the scored pairs.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    scores, same, folds = np.asarray(scores, dtype=np.float64), np.asarray(same, dtype=bool), np.asarray(folds)
-    calib = folds == CALIBRATION_FOLD
-    cal_scores, cal_same = scores[calib], same[calib]
-    scores, same, folds = scores[~calib], same[~calib], folds[~calib]
-    fold_ids = np.unique(folds)
-    if len(fold_ids) == 1 and not calib.any():
-        k = int(min(inner_folds, len(scores)))
-        folds = np.arange(len(scores)) % max(k, 1)
-        fold_ids = np.unique(folds)
-    thresholds, accuracies = [], []
-    for f in fold_ids:
-        test = folds == f
-        if len(fold_ids) > 1:
-            thr, _ = best_threshold(scores[~test], same[~test])
-        else:  # one fold and calibration pairs
-            thr, _ = best_threshold(cal_scores, cal_same)
-        thresholds.append(thr)
-        accuracies.append(float(np.mean((scores[test] >= thr) == same[test])))
-    auc = float(roc_auc_score(same, scores)) if 0 < same.sum() < len(same) else float("nan")
-    return VerificationResult(thresholds, accuracies, auc)

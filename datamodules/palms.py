@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from datamodules.base import ZooDataModule
 from datamodules.generated_set import warn_if_incomplete
+from datamodules.splits import seeded_split
 from zoo.errors import ZooError
 from zoo.images import find_bad_images, is_image, load_rgb
 
@@ -76,21 +77,6 @@ def scan_palms(root: str | Path) -> PalmScan:
     unreadable = [f"{b.path.relative_to(root)} ({b.reason})" for b in bad]
     items = [(p, person_of(p, root)) for p in images if p not in refused]
     return PalmScan(items, {"unreadable": unreadable, "not_image": [str(p.relative_to(root)) for p in others]})
-
-
-def split_items(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:
-    """Seeded per-image split of range(n) into train / val / test by fractions; val and test get at least one image
-    each when their fraction is positive and n >= 3 (and train keeps at least one)."""
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ZooError(f"--set split={fractions}: expected three non-negative fractions (train, val, test).")
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    total = sum(fractions)
-    counts = [int(round(n * f / total)) if f > 0 else 0 for f in fractions[1:]]
-    counts = [max(c, 1) if f > 0 and n >= 3 else c for c, f in zip(counts, fractions[1:])]
-    n_val, n_test = counts
-    n_train = max(1, n - n_val - n_test)
-    return {"train": sorted(order[:n_train]), "val": sorted(order[n_train:n_train + n_val]),
-            "test": sorted(order[n_train + n_val:n_train + n_val + n_test])}
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -226,7 +212,7 @@ class PalmDataModule(ZooDataModule):
         self.identities = scan.identities
         index = {name: i for i, name in enumerate(self.identities)}
         items = [(p, index[person]) for p, person in scan.items]
-        parts = split_items(len(items), tuple(self.cfg.split), int(self.cfg.seed))
+        parts = seeded_split(range(len(items)), tuple(self.cfg.split), int(self.cfg.seed))
         empty = [name for name, f in zip(("val", "test"), tuple(self.cfg.split)[1:]) if f > 0 and not parts[name]]
         if empty:  # no val/loss, hence no best-*.ckpt: said before training rather than by Lightning's warnings
             raise ZooError(f"--data-dir {root}: {len(items)} readable image(s) leave the {' and '.join(empty)} share{'s' * (len(empty) > 1)} "

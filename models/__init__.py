@@ -1,7 +1,9 @@
 """Models of the zoo: shared blocks in `models.blocks`, one package per task (`models/<task>/`).
 
-Importing `models` imports every task's `model.py`, which registers the task's networks with timm, so
+Importing `models` imports every task package (`models/<task>/__init__.py`, which imports the task's LightningModule
+and so Lightning) and its `model.py`; a `model.py` that defines image backbones registers them with timm, so
 `timm.create_model("demansia2_tiny")` (or `face_mamba_micro`, `vmamba_tiny_v0`, ...) works after `import models`.
+`TIMM_NAMES` holds the names so registered.
 """
 import importlib
 import pkgutil

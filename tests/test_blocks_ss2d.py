@@ -115,7 +115,7 @@ def test_vss_block_residual_and_drop_path():
 
 
 def synthetic_vmamba_block(prefix: str, new_names: bool, dim: int = C) -> dict[str, torch.Tensor]:
-    """One VMamba block's tensors with the released checkpoints' names and shapes (UPSTREAM.md)."""
+    """One VMamba block's tensors with the released checkpoints' names and shapes."""
     d, r, n = 2 * dim, math.ceil(dim / 16), 16
     norm, op = ("norm", "op") if new_names else ("ln_1", "self_attention")
     g = torch.Generator().manual_seed(3)

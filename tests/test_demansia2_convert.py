@@ -1,4 +1,4 @@
-"""models/demansia2/convert.py (also run as checkpoints/convert_demansia2.py) on a checkpoint synthesised with the released key layout and shapes (UPSTREAM.md),
+"""models/demansia2/convert.py (also run as checkpoints/convert_demansia2.py) on a checkpoint synthesised with the released key layout and shapes,
 checked against a forward pass rebuilt here from mamba-ssm's reference functions and plain torch."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _converter():
 
 
 def released_state_dict(depth: int = DEPTH, attn: tuple[int, ...] = ATTN, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The released checkpoint's keys and shapes (written from UPSTREAM.md, not from our model) with random values."""
+    """The released checkpoint's keys and shapes (written from the release's layout, not from our model) with random values."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, std=0.05):

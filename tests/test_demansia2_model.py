@@ -49,7 +49,7 @@ def test_class_token_sits_in_the_middle():
 
 
 def test_tiny_and_small_parameter_counts_match_published():
-    # Published code counts Tiny 9,514,032 and Small 32,746,032 (UPSTREAM.md; tied dt_bias/A_log counted twice).
+    # Published code counts Tiny 9,514,032 and Small 32,746,032 (tied dt_bias/A_log counted twice).
     entry = get_entry("demansia2")
     for preset, published in (("tiny", 9_514_032), ("small", 32_746_032), ("tiny,published", 9_514_032)):
         n = count_parameters(entry, preset)

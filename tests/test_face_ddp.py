@@ -4,6 +4,7 @@ the CPU (torch.multiprocessing) must give the 1-process metrics exactly."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -11,8 +12,9 @@ import torch.multiprocessing as mp
 
 from datamodules.pk_sampler import PKBatchSampler
 from datamodules.samplers import EpochShuffleSampler, RankShardSampler
-from models.face.metrics import calibrate_threshold, retrieval_metrics
-from models.face.module import gather_rows
+from models.face.metrics import retrieval_metrics
+from models.face.module import all_gather_stacked, gather_rows
+from zoo.verification import calibrate_threshold
 
 N, CLASSES, DIM = 37, 6, 8  # 37: the two ranks' blocks differ in length (19 + 18)
 
@@ -31,22 +33,19 @@ def _metrics(emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def _all_gather(t: torch.Tensor) -> torch.Tensor:  # what LightningModule.all_gather returns: (world, ...)
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.stack(parts)
-
-
 def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         emb, labels = _data()
         mine = list(RankShardSampler(N))  # world and rank from torch.distributed
-        emb_all, labels_all = gather_rows([emb[mine], labels[mine]], _all_gather, world)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            emb_all, labels_all = gather_rows([emb[mine], labels[mine]], all_gather_stacked, world)
         pk = PKBatchSampler(labels.tolist(), batch_size=4, k=2, seed=3)
         shuffle = EpochShuffleSampler(range(N), seed=5)
         torch.save({"metrics": _metrics(emb_all, labels_all), "rows": emb_all, "mine": mine,
+                    "warnings": [str(w.message) for w in caught],
                     "pk": list(pk), "shuffle": list(shuffle)}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -65,6 +64,7 @@ def test_two_gloo_ranks_give_the_single_process_metrics(tmp_path):
 
     assert r0["mine"] == list(range(19)) and r1["mine"] == list(range(19, N))
     assert torch.equal(r0["rows"], emb) and torch.equal(r1["rows"], emb)
+    assert r0["warnings"] == r1["warnings"] == []  # e.g. no deprecated torch.distributed.nn all_gather
     assert r0["metrics"] == single and r1["metrics"] == single, (r0["metrics"], single)
     assert 0 < single["precision_at_1"] < 1  # the data is neither trivial nor random
 

@@ -12,7 +12,8 @@ from model_config import FaceConfig
 from models.blocks.bidirectional import BidirectionalMamba2
 from models.blocks.mamba2 import Mamba2
 from models.face import FaceEmbedder, upstream_state_dict_to_zoo
-from models.face.metrics import calibrate_threshold, retrieval_metrics
+from models.face.metrics import retrieval_metrics
+from zoo.verification import calibrate_threshold
 
 
 def test_published_preset_is_upstream_recssm():

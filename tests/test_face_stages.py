@@ -1,5 +1,5 @@
 """The published face recipe's control flow: early stopping on validation precision@1 per stage, and stage 2
-restarting from the best stage-1 checkpoint with a fresh optimiser (UPSTREAM.md: Face recognition)."""
+restarting from the best stage-1 checkpoint with a fresh optimiser (docs/face.md)."""
 from __future__ import annotations
 
 import lightning as L

@@ -16,7 +16,7 @@ from models.hand.module import HandBiometrics
 
 
 def v0_state_dict(depths: tuple[int, ...], num_classes: int = 1000) -> dict[str, torch.Tensor]:
-    """A state_dict with VMamba v0's key names and shapes (UPSTREAM.md), random values."""
+    """A state_dict with VMamba v0's key names and shapes, random values."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     sd = {"patch_embed.proj.weight": r(96, 3, 4, 4), "patch_embed.proj.bias": r(96),

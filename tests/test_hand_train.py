@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import predict
 import train
@@ -84,11 +85,18 @@ def test_enroll_identify_round_trip(trained, tmp_path, capsys):
     assert "identity" in capsys.readouterr().out
 
 
-def test_evaluate_prints_protocol_tables(trained, capsys):
+def test_evaluate_prints_protocol_tables(trained, capsys, tmp_path):
     ckpt = str(trained["run_dir"] / "last.ckpt")
     root = str(trained["datamodule"].root)
-    assert predict.main(["--ckpt", ckpt, "evaluate", root, "--json"]) == 0
+    assert predict.main(["--ckpt", ckpt, "evaluate", root, "--json", "--out", str(tmp_path / "hand.json")]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["plots"] == [str(tmp_path / "hand_roc.png"), str(tmp_path / "hand_det.png")]
+    for png in res["plots"]:  # ROC and DET curves beside the JSON
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size == (720, 540)
+    saved = json.loads((tmp_path / "hand.json").read_text())
+    assert (saved["split"], saved["images"]) == (res["split"], res["images"])
+    assert set(saved["every_pair"]) == {"auc", "eer", "tar_at_far_1e-3"}
     assert res["split"] == "val" and set(res["tables"]) == {"overall", "dorsal right"}  # the run's aspect filter
     assert {"identity_acc", "identity_f1", "identity_top5", "gender_precision", "age_recall", "rank1", "mAP"} <= set(
         res["tables"]["overall"])
@@ -114,14 +122,11 @@ def test_open_set_metrics_count_ties_against_the_query():
 
 def test_published_schedule_warms_up_then_steps():
     from model_config import HandConfig
+    from zoo.optim import build_optimizer, build_scheduler
 
     cfg = HandConfig.from_presets("published").replace(num_identities=3)
-    module = HandBiometrics.__new__(HandBiometrics)  # only configure_optimizers is exercised: no 44M-weight network
-    torch.nn.Module.__init__(module)
-    module.cfg = cfg
-    module.w = torch.nn.Parameter(torch.zeros(1))
-    module._updates_per_epoch = lambda: 1
-    s = HandBiometrics.configure_optimizers(module)["lr_scheduler"]["scheduler"]
+    # the schedule every task gets from zoo.optim (no 44M-weight network needed to check it)
+    s = build_scheduler(build_optimizer(torch.nn.Linear(1, 1), cfg), cfg, updates_per_epoch=1)
     lrs = {e: s._get_lr(e)[0] for e in (0, 5, 10, 29, 30, 69)}
     assert lrs[0] == pytest.approx(8e-6) and lrs[10] == pytest.approx(8e-4) and lrs[29] == pytest.approx(8e-4)
     assert lrs[30] == pytest.approx(4e-4) and lrs[69] == pytest.approx(4e-4) and 8e-6 < lrs[5] < 8e-4

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.lfw import LFWDataModule, detect_layout, split_identities, write_pairs_file
-from datamodules.lfw_pairs import best_threshold, kfold_verification, load_pairs, read_pairs
+from datamodules.lfw import LFWDataModule, detect_layout, write_pairs_file
+from datamodules.lfw_pairs import load_pairs, read_pairs
 from datamodules.pk_sampler import PKBatchSampler
+from datamodules.splits import seeded_split
 from model_config import FaceConfig
 from zoo.errors import ZooError
 from zoo.images import save_rgb
+from zoo.verification import best_threshold, kfold_verification
 
 
 def write_people(root: Path, counts: dict[str, int], ext: str = ".jpg", size: int = 16) -> None:
@@ -45,7 +47,7 @@ def test_people_layout_with_wrapper_folder_split_is_identity_disjoint_and_seeded
     again = LFWDataModule(cfg(min_images_per_person=2), data_dir=tmp_path)
     again.setup("fit")
     assert again.people == dm.people  # same seed, same split
-    other = split_identities(sorted(everyone), (0.7, 0.15, 0.15), seed=7)
+    other = seeded_split(sorted(everyone), (0.7, 0.15, 0.15), seed=7)
     assert sorted(sum(other.values(), [])) == sorted(everyone)
 
 

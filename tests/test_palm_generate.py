@@ -11,9 +11,10 @@ from PIL import Image
 
 import predict
 import train
-from models.palm.metrics import auc_eer, rank1_identification
+from models.palm.metrics import rank1_identification
 from models.palm.verbs import generate
 from zoo.errors import ZooError
+from zoo.verification import auc_eer
 
 TINY_FLAGS = ["--set", "image_size=16", "--set", "unet_dim=8", "--set", "dim_mults=1,2", "--set", "vss_levels=1",
               "--set", "vss_d_state=4", "--set", "timesteps=50", "--set", "sampling_steps=6", "--set", "num_workers=0",
@@ -130,9 +131,14 @@ def test_evaluate_identity_with_a_face_checkpoint_and_errors(palm, tmp_path, cap
     generate(model, tmp_path / "gen", 3, 3, seed=0, progress=False)
     capsys.readouterr()
     assert predict.main(["--ckpt", palm_ckpt, "evaluate-identity", "--recognizer", face_ckpt, str(tmp_path / "gen"),
-                         "--json"]) == 0
+                         "--json", "--out", str(tmp_path / "eval" / "palm.json")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["individuals"] == 3 and result["images"] == 9
+    saved = json.loads((tmp_path / "eval" / "palm.json").read_text())
+    assert saved["sets"] == [result] and len(saved["plots"]) == 2
+    for name in ("palm_roc.png", "palm_det.png"):  # ROC and DET curves beside the JSON
+        with Image.open(tmp_path / "eval" / name) as im:
+            assert im.format == "PNG" and im.size == (720, 540)
     assert 0.0 <= result["auc"] <= 1.0 and 0.0 <= result["eer"] <= 1.0
     assert result["same_pairs"] == 9 and result["different_pairs"] == 27
     # a palm checkpoint embeds nothing: named in the error

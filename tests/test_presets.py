@@ -22,7 +22,7 @@ def test_published_alone_is_the_published_tiny_network_and_recipe():
     assert arch(pub) == arch(tiny) and pub.d_model == 192 and pub.depth == 24
     assert pub.chunk_size == 256 and pub.scan_mode == "legacy" and pub.num_classes == 1000
     assert (pub.optimizer, pub.lr, pub.weight_decay, pub.batch_size, pub.accumulate) == ("lion", 1e-4, 0.5, 256, 4)
-    # Fidelity to UPSTREAM.md: constant EMA decay, random bilinear/bicubic crops, LV-ViT token-label smoothing.
+    # Fidelity to the published recipe (docs/demansia2.md): constant EMA decay, random bilinear/bicubic crops, LV-ViT token-label smoothing.
     assert pub.ema_decay == 0.9999 and pub.ema_warmup is False
     assert pub.train_interpolation == "random" and pub.token_label_smoothing == "lvvit"
     assert DeMansia2Config.from_presets("tiny,published") == pub  # the old spelling gives the same thing

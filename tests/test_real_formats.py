@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.lfw_pairs import CALIBRATION_FOLD, best_threshold, kfold_verification, load_pairs
+from datamodules.lfw_pairs import load_pairs
 from model_config import AgeGenderConfig, DeMansia2Config, FaceConfig, get_entry
 from zoo.errors import ZooError
 from zoo.images import load_rgb, save_rgb
+from zoo.verification import CALIBRATION_FOLD, best_threshold, kfold_verification
 
 
 def write_orl(root, people: int = 6, per_person: int = 4, size=(23, 28)):
@@ -96,7 +97,7 @@ def test_one_fold_without_dev_train_cross_validates_inside_the_file():
 
 
 def test_face_evaluate_scores_the_test_identities_by_default(tmp_path, capsys):
-    from datamodules.lfw import split_identities
+    from datamodules.splits import seeded_split
     from models.face.module import FaceEmbedder
     from models.face.verbs import face_commands
 
@@ -105,13 +106,20 @@ def test_face_evaluate_scores_the_test_identities_by_default(tmp_path, capsys):
     cfg = FaceConfig.from_presets("micro").replace(split=(0.6, 0.2, 0.2), seed=3)
     model = FaceEmbedder(cfg)
     evaluate = face_commands()[1]
+    out = tmp_path.parent / f"{tmp_path.name}-eval" / "face.json"
     args = argparse.Namespace(folder=str(tmp_path), split="test", all=False, min_images=2, pairs=None,
-                              batch_size=16, json=True)
+                              batch_size=16, json=True, out=str(out))
     assert evaluate.run(model, args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["identities"] == len(split_identities(names, (0.6, 0.2, 0.2), 3)["test"]) == 2
+    assert result["identities"] == len(seeded_split(names, (0.6, 0.2, 0.2), 3)["test"]) == 2
     assert "test split" in result["scope"]
-    args.all = True
+    # the JSON and its ROC and DET curves, beside it
+    assert json.loads(out.read_text())["every_pair"] == result["every_pair"]
+    assert result["plots"] == [str(out.with_name("face_roc.png")), str(out.with_name("face_det.png"))]
+    for png in result["plots"]:
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size == (720, 540)
+    args.all, args.out = True, None
     evaluate.run(model, args)
     assert json.loads(capsys.readouterr().out)["identities"] == 10
 

@@ -57,11 +57,22 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, updates_per_epoch: int, epochs: int | None = None):
-    """timm scheduler (linear warm-up from `warmup_lr`, then cosine to `min_lr` / step decay / constant).
+    """timm scheduler (linear warm-up from `warmup_lr`, then cosine to `min_lr` / step decay / constant); with
+    `cfg.decay_milestones` (epochs, a config field of the tasks that have it) the lr is multiplied by `decay_rate` at
+    each milestone instead, after the warm-up.
 
     Stepped per optimizer update (`sched_interval="step"`) or per epoch; see `ZooModule.lr_scheduler_step`.
     """
-    from timm.scheduler import create_scheduler_v2
+    from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
+
+    milestones = getattr(cfg, "decay_milestones", ())
+    if milestones:
+        per_epoch = cfg.sched_interval == "epoch"
+        steps = 1 if per_epoch else max(1, updates_per_epoch)
+        # timm applies milestone m at t == m - 1 (its historical convention): +1 makes the lr change at epoch m.
+        return MultiStepLRScheduler(optimizer, decay_t=[int(m * steps) + 1 for m in milestones],
+                                    decay_rate=cfg.decay_rate, warmup_t=int(cfg.warmup_epochs * steps),
+                                    warmup_lr_init=cfg.warmup_lr, warmup_prefix=False, t_in_epochs=per_epoch)
 
     scheduler, _ = create_scheduler_v2(
         optimizer,

@@ -133,6 +133,9 @@ def build_logger(opts: RunOptions, config: dict[str, Any]):
         resume="allow" if resuming else None,
         config=config,
     )
+    # Lightning hands `anonymous=None` to wandb.init unconditionally, and wandb warns "The anonymous setting has no
+    # effect and will be removed" for any value of that deprecated setting (wandb/wandb#10909). Leave it out.
+    logger._wandb_init.pop("anonymous", None)
     return logger
 
 

@@ -38,11 +38,18 @@ def init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float,
     else:
         raise NotImplementedError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
     w = dt_proj.weight
-    log_dt = torch.rand(dt_proj.out_features, device=w.device, dtype=w.dtype) * (math.log(dt_max) - math.log(dt_min))
-    dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=dt_init_floor)
     with torch.no_grad():
-        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        dt_proj.bias.copy_(dt_bias_init(dt_proj.out_features, dt_min, dt_max, dt_init_floor, w.device, w.dtype))
     dt_proj.bias._no_reinit = True
+
+
+def dt_bias_init(n: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None, dtype=None) -> Tensor:
+    """mamba-ssm's dt bias (n,): dt log-uniform in [dt_min, dt_max] (floored at dt_init_floor), stored as
+    softplus^-1(dt) = dt + log(1 - exp(-dt)) so that softplus(bias) = dt. Shared by Mamba (dt_proj.bias) and Mamba-2
+    (dt_bias)."""
+    u = torch.rand(n, device=device, dtype=dtype)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
 
 
 def s4d_real_a_log(d_inner: int, d_state: int, device=None) -> nn.Parameter:

@@ -6,7 +6,6 @@ portable twins in `ops/` (ssd, causal_conv, rms_norm). Both give the same output
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .mamba import dt_bias_init
 from .norm import RMSNormGated
 from .ops.causal_conv import causal_conv1d_fn, causal_conv1d_update
 from .ops.ssd import (
@@ -119,10 +119,7 @@ class Mamba2(RecurrentCache, nn.Module):
             setattr(self, "out_proj" + s, nn.Linear(self.d_inner, d_model, bias=bias, **factory))
 
     def _draw_dt_bias(self, dt_min, dt_max, dt_init_floor, device, dtype) -> Tensor:
-        # dt log-uniform in [dt_min, dt_max], stored as softplus^-1(dt) = dt + log(1 - exp(-dt)).
-        u = torch.rand(self.nheads, device=device, dtype=dtype)
-        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
-        return dt + torch.log(-torch.expm1(-dt))
+        return dt_bias_init(self.nheads, dt_min, dt_max, dt_init_floor, device, dtype)
 
     def _draw_A_log(self, A_init_range, device, dtype) -> Tensor:
         if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):

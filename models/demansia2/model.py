@@ -3,7 +3,7 @@ attention) with a class head and a token (aux) head; trained with token labeling
 
 - `DeMansia2Net`: the backbone + heads (a timm-style model: `forward_features`, `forward_head`, `num_classes=0`,
   `forward_intermediates` for `features_only`). Its state_dict keys are those of the released checkpoint
-  (UPSTREAM.md), so conversion is a prefix change (checkpoints/convert_demansia2.py).
+  (docs/demansia2.md), so conversion is a prefix change (checkpoints/convert_demansia2.py).
 - `DeMansia2`: the LightningModule (losses, MixToken, raw + EMA validation, the `classify` verb).
 - timm names `demansia2_micro`, `demansia2_tiny`, `demansia2_small` (registered on import).
 """

@@ -1,11 +1,12 @@
-"""Face metrics on embeddings: retrieval (precision@1, R-Precision, MAP@R) and pair similarities for verification."""
+"""Face metrics on embeddings: retrieval (precision@1, R-Precision, MAP@R) and LFW pairs verification; the pair maths
+(scores, thresholds, k-fold accuracy) is `zoo.verification`."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.lfw_pairs import best_threshold
+from zoo.verification import VerificationResult, kfold_verification, pair_scores
 
 RETRIEVAL_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
@@ -32,17 +33,14 @@ def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
     return {k: float(out[k]) for k in RETRIEVAL_METRICS}
 
 
-def all_pair_scores(embeddings: Tensor, labels: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine similarity and same-identity flag of every unordered pair (i < j) of a split: (P,), (P,) bool."""
-    emb = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1)
-    sim = emb @ emb.T
-    i, j = torch.triu_indices(len(emb), len(emb), offset=1)
-    return sim[i, j].numpy(), (labels[i] == labels[j]).cpu().numpy()
+def pairs_scored(embeddings: Tensor, images: list, pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cosine scores, same, fold) of `pairs` (datamodules.lfw_pairs.Pair) given (N, D) embeddings of `images`."""
+    where = {p: i for i, p in enumerate(images)}
+    scores = pair_scores(embeddings[[where[p.a] for p in pairs]], embeddings[[where[p.b] for p in pairs]])
+    return scores, np.array([p.same for p in pairs], dtype=bool), np.array([p.fold for p in pairs])
 
 
-def calibrate_threshold(embeddings: Tensor, labels: Tensor) -> tuple[float, float]:
-    """Best balanced-accuracy cosine threshold over all pairs of a split: (threshold, balanced accuracy)."""
-    scores, same = all_pair_scores(embeddings, labels)
-    if same.sum() == 0 or same.all():
-        return float("nan"), float("nan")
-    return best_threshold(scores, same, balanced=True)
+def verify_pairs(embeddings: Tensor, images: list, pairs: list) -> VerificationResult:
+    """LFW k-fold verification of `pairs` (datamodules.lfw_pairs.Pair) given (N, D) embeddings of `images` (same
+    order)."""
+    return kfold_verification(*pairs_scored(embeddings, images, pairs))

@@ -1,7 +1,7 @@
 """Face embedding network: a patch-conv + Mamba-2 encoder (or any timm backbone) and a linear head to a unit-length
 embedding; the encoder is registered with timm as `face_mamba_micro/tiny/small`.
 
-The `published` preset is upstream FaceRegSMM's RecSSM (UPSTREAM.md: Face recognition): 8x8 patch conv 3->128 +
+The `published` preset is upstream FaceRegSMM's RecSSM (docs/face.md): 8x8 patch conv 3->128 +
 LayerNorm (256 tokens at 128x128), 6 pre-norm residual Mamba-2 blocks with LayerNorm, final LayerNorm, mean pooling,
 Linear -> 128, L2 normalisation. Our defaults add a learnt position embedding and bidirectional Mamba-2 mixers;
 `micro` replaces the patch conv by a convolutional stem (`stem="conv"`, models/blocks/stem.py).

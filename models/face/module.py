@@ -11,9 +11,11 @@ from torch import Tensor
 
 from losses.metric import MetricLoss
 from model_config import FaceConfig
-from models.face.metrics import calibrate_threshold, retrieval_metrics
+from models.face.metrics import retrieval_metrics, verify_pairs
 from models.face.model import FaceEmbeddingNet
+from zoo.embedding import Embedder
 from zoo.module import ZooModule
+from zoo.verification import calibrate_threshold
 
 
 def gather_rows(tensors: list[Tensor], all_gather, world_size: int) -> list[Tensor]:
@@ -33,7 +35,18 @@ def gather_rows(tensors: list[Tensor], all_gather, world_size: int) -> list[Tens
     return out
 
 
-class FaceEmbedder(ZooModule):
+def all_gather_stacked(t: Tensor) -> Tensor:
+    """A same-shaped tensor from every rank stacked into (world_size, ...), with torch.distributed's own collective
+    (LightningModule.all_gather goes through torch.distributed.nn.functional.all_gather, which torch deprecates;
+    no gradient is needed here)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts)
+
+
+class FaceEmbedder(Embedder, ZooModule):
     """Face-embedding LightningModule (task "face"): `model(images (B, 3, S, S)) -> (B, D)` unit embeddings.
 
     Training: `cfg.loss` (triplet with a `cfg.miner`, ArcFace or CosFace; the loss is a submodule, so ArcFace /
@@ -69,13 +82,6 @@ class FaceEmbedder(ZooModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images)
-
-    @torch.no_grad()
-    def embed(self, images: Tensor, batch_size: int = 64) -> Tensor:
-        """Embeddings of a (N, 3, S, S) batch in eval mode, in chunks: (N, D) float32 on the CPU."""
-        self.eval()
-        return torch.cat([self(images[i:i + batch_size].to(self.device)).float().cpu()
-                          for i in range(0, len(images), batch_size)])
 
     def same_person(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """Cosine similarity of paired embeddings (N, D) x (N, D) -> (N,), and whether it reaches the threshold."""
@@ -190,7 +196,9 @@ class FaceEmbedder(ZooModule):
         self._evaluate("test", calibrate=False)
 
     def _evaluate(self, prefix: str, calibrate: bool) -> dict[str, float]:
-        """Logs and returns the split's metrics ({"val/precision_at_1": ...})."""
+        """Logs and returns the split's metrics ({"val/precision_at_1": ...}). Under DDP they come from the rows of
+        every rank, so every rank logs the same value; `sync_dist=True` (Lightning's ask for epoch-level logs in a
+        distributed run) averages equal values."""
         logged: dict[str, float] = {}
         outputs, self._outputs = self._outputs, defaultdict(list)
         if 0 in outputs:
@@ -198,14 +206,14 @@ class FaceEmbedder(ZooModule):
             labels = torch.cat([y for _, y in outputs[0]])
             emb, labels = self._gather(emb, labels)
             for name, value in retrieval_metrics(emb, labels).items():
-                self.log(f"{prefix}/{name}", value, prog_bar=name == "precision_at_1")
+                self.log(f"{prefix}/{name}", value, prog_bar=name == "precision_at_1", sync_dist=True)
                 logged[f"{prefix}/{name}"] = float(value)
             thr, acc = calibrate_threshold(emb, labels)
             if np.isfinite(thr):
                 if calibrate:
                     self.threshold.fill_(thr)
-                self.log(f"{prefix}/threshold", thr)
-                self.log(f"{prefix}/pair_balanced_acc", acc)
+                self.log(f"{prefix}/threshold", thr, sync_dist=True)
+                self.log(f"{prefix}/pair_balanced_acc", acc, sync_dist=True)
         pairs = getattr(getattr(self.trainer, "datamodule", None), "pairs", None)
         if 1 in outputs and pairs:
             emb = torch.cat([e for e, _ in outputs[1]])
@@ -217,8 +225,8 @@ class FaceEmbedder(ZooModule):
             by_image = emb.new_empty(len(images), emb.shape[1])
             by_image[index] = emb
             result = verify_pairs(by_image, images, pairs)
-            self.log(f"{prefix}/verif_acc", result.mean, prog_bar=True)
-            self.log(f"{prefix}/verif_auc", result.auc)
+            self.log(f"{prefix}/verif_acc", result.mean, prog_bar=True, sync_dist=True)
+            self.log(f"{prefix}/verif_auc", result.auc, sync_dist=True)
             logged.update({f"{prefix}/verif_acc": float(result.mean), f"{prefix}/verif_auc": float(result.auc)})
         return logged
 
@@ -226,7 +234,7 @@ class FaceEmbedder(ZooModule):
         """Under DDP every rank scores the whole split: its rows gathered from all ranks, in rank order."""
         world = self.trainer.world_size if self._trainer is not None else 1
         return gather_rows([t.to(self.device) for t in tensors] if world > 1 else list(tensors),
-                           lambda t: self.all_gather(t.to(self.device)), world)
+                           lambda t: all_gather_stacked(t.to(self.device)), world)
 
     # ----- checkpoints -----
     def on_load_checkpoint(self, checkpoint) -> None:
@@ -249,13 +257,3 @@ class FaceEmbedder(ZooModule):
 
         return face_commands()
 
-
-def verify_pairs(embeddings: Tensor, images: list, pairs: list):
-    """k-fold verification of `pairs` (datamodules.lfw_pairs.Pair) given (N, D) embeddings of `images` (same order)."""
-    from datamodules.lfw_pairs import kfold_verification
-
-    where = {p: i for i, p in enumerate(images)}
-    a = embeddings[[where[p.a] for p in pairs]]
-    b = embeddings[[where[p.b] for p in pairs]]
-    scores = (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).numpy()
-    return kfold_verification(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]))

@@ -41,7 +41,8 @@ def _identities(folder: str, split: str, min_images: int, cfg=None, everyone: bo
     Pre-split layout: the `split` folder. People layout: every identity with `everyone`, else the identity-disjoint
     `split` share that training drew with `cfg` (split fractions, seed, min_images_per_person).
     """
-    from datamodules.lfw import detect_layout, scan_people, split_identities
+    from datamodules.lfw import detect_layout, scan_people
+    from datamodules.splits import seeded_split
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -51,7 +52,7 @@ def _identities(folder: str, split: str, min_images: int, cfg=None, everyone: bo
     if layout.kind == "people" and not everyone:
         k = max(1, int(cfg.min_images_per_person))
         eligible = sorted(n for n, ims in people.items() if len(ims) >= k)
-        chosen = split_identities(eligible, tuple(cfg.split), int(cfg.seed))[split]
+        chosen = seeded_split(eligible, tuple(cfg.split), int(cfg.seed))[split]
         if not chosen:
             raise ZooError(f"{root}: the {split} split of the checkpoint's split={tuple(cfg.split)} holds no identity; "
                            f"use --all to score every identity.")
@@ -102,13 +103,22 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                         "beside the images); image paths are resolved under the LFW people folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, metavar="RESULT_JSON", help="also write the result as JSON to this file, "
+                   "with its ROC and DET curves beside it (<stem>_roc.png, <stem>_det.png)")
 
 
 def _evaluate(model, args) -> int:
     from datamodules.lfw import pairs_file_of
     from datamodules.lfw_pairs import load_pairs
-    from models.face.metrics import calibrate_threshold, retrieval_metrics
-    from models.face.module import verify_pairs
+    from models.face.metrics import pairs_scored, retrieval_metrics
+    from zoo.verification import (
+        CALIBRATION_FOLD,
+        all_pair_scores,
+        calibrate_threshold,
+        kfold_verification,
+        verification_summary,
+        write_result,
+    )
 
     people, layout, bad = _identities(args.folder, args.split, args.min_images, model.cfg, everyone=args.all)
     paths = [p for n in sorted(people) for p in people[n]]
@@ -119,6 +129,8 @@ def _evaluate(model, args) -> int:
                     **retrieval_metrics(emb, labels)}
     thr, acc = calibrate_threshold(emb, labels)
     result.update(best_threshold_here=thr, balanced_pair_acc=acc, checkpoint_threshold=float(model.threshold))
+    curves = {"every pair": all_pair_scores(emb, labels)}
+    result["every_pair"] = verification_summary(*curves["every pair"])
     verification = None
     if args.pairs:
         pairs_file = pairs_file_of(args.pairs, layout)
@@ -126,10 +138,15 @@ def _evaluate(model, args) -> int:
             raise ZooError(f"--pairs: no pairs.txt beside the images in {layout.root}; give its path: --pairs PATH.")
         pair_set = load_pairs(pairs_file, layout.root, exclude=bad)
         images = pair_set.images
-        verification = verify_pairs(embed_items(model, images, args.batch_size), images, pair_set.pairs)
-        result["verification"] = {**verification.to_dict(), "pairs_scored": len(pair_set.scored),
-                                  "pairs_in_file": pair_set.total, "pairs_skipped": len(pair_set.skipped),
-                                  "protocol": pair_set.note}
+        scores, same, folds = pairs_scored(embed_items(model, images, args.batch_size), images, pair_set.pairs)
+        verification = kfold_verification(scores, same, folds)
+        scored = folds != CALIBRATION_FOLD
+        curves[pair_set.file.name] = (scores[scored], same[scored])
+        result["verification"] = {**verification.to_dict(), **verification_summary(*curves[pair_set.file.name]),
+                                  "pairs_scored": len(pair_set.scored), "pairs_in_file": pair_set.total,
+                                  "pairs_skipped": len(pair_set.skipped), "protocol": pair_set.note}
+    if args.out:
+        result["plots"] = [str(p) for p in write_result(args.out, result, curves, f"face, {scope}")]
     status = 1 if bad else 0  # the unreadable files were named on stderr
     if args.json:
         print(json.dumps(result, indent=2))
@@ -138,9 +155,13 @@ def _evaluate(model, args) -> int:
     for k, name in NAMES.items():
         print(f"{name:<24}{result[k]:.4f}")
     print(f"{'best threshold here':<24}{thr:.4f} (balanced pair accuracy {acc:.4f}; checkpoint's {model.threshold:.4f})")
+    every = result["every_pair"]
+    print(f"{'every pair':<24}AUC {every['auc']:.4f}, EER {every['eer']:.4f}, TAR@FAR=1e-3 {every['tar_at_far_1e-3']:.4f}")
     if verification is not None:
         print(f"\n{len(verification.accuracies)}-fold verification ({result['verification']['protocol']}):\n"
               f"{verification.table()}")
+    if args.out:
+        print(f"wrote {args.out} and {', '.join(result['plots'])}")
     return status
 
 

@@ -1,10 +1,10 @@
 """Hand metrics: per-head classification (accuracy, weighted precision / recall / F1, identity top-5) with torchmetrics,
-and open-set retrieval (one random gallery image per subject, the rest queries: rank-1, rank-5, mAP)."""
+open-set retrieval (one random gallery image per subject, the rest queries: rank-1, rank-5, mAP) and the protocol's
+tables (overall and per aspect)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
@@ -12,6 +12,11 @@ from torchmetrics.functional.classification import (
     multiclass_precision,
     multiclass_recall,
 )
+
+from datamodules.hands11k import ASPECTS
+from zoo.verification import cosine_gallery_ranks
+
+HEADS = ("identity", "gender", "age")
 
 
 def classification_metrics(logits: Tensor, target: Tensor, top5: bool = False) -> dict[str, float]:
@@ -31,11 +36,10 @@ def classification_metrics(logits: Tensor, target: Tensor, top5: bool = False) -
     return {k: float(v) for k, v in out.items()}
 
 
-def gallery_ranks(embeddings: Tensor, persons: Tensor, rng: np.random.Generator) -> Tensor:
+def draw_gallery_ranks(embeddings: Tensor, persons: Tensor, rng: np.random.Generator) -> Tensor:
     """One gallery draw: one random image per subject is the gallery, the other images are queries; returns each
-    query's 0-based rank of its own subject's gallery image by cosine similarity (N_queries,); ties rank the
-    query's own subject last."""
-    emb = F.normalize(embeddings.float(), dim=-1)
+    query's 0-based rank of its own subject (N_queries,) by cosine similarity, ties counting against the query
+    (`zoo.verification.gallery_ranks`)."""
     persons = persons.long()
     gallery, queries = [], []
     for p in torch.unique(persons).tolist():
@@ -45,12 +49,7 @@ def gallery_ranks(embeddings: Tensor, persons: Tensor, rng: np.random.Generator)
         queries += [i for i in idx if i != g]
     if not queries:
         return torch.empty(0)
-    gallery_t, queries_t = torch.tensor(gallery), torch.tensor(queries)
-    sim = emb[queries_t] @ emb[gallery_t].T  # (Q, G)
-    own = (persons[queries_t][:, None] == persons[gallery_t][None, :]).float().argmax(1)
-    own_sim = sim.gather(1, own[:, None])
-    # A tie with another subject counts against the query: a collapsed (constant) embedding must not score rank 0.
-    return (sim >= own_sim).sum(1) - 1
+    return cosine_gallery_ranks(embeddings, persons, gallery, queries)
 
 
 def open_set_metrics(embeddings: Tensor, persons: Tensor, groups: Tensor | None = None, draws: int = 10,
@@ -62,7 +61,7 @@ def open_set_metrics(embeddings: Tensor, persons: Tensor, groups: Tensor | None 
     groups = torch.zeros_like(persons) if groups is None else groups
     results = []
     for _ in range(max(1, draws)):
-        ranks = [gallery_ranks(embeddings[groups == g], persons[groups == g], rng) for g in torch.unique(groups)]
+        ranks = [draw_gallery_ranks(embeddings[groups == g], persons[groups == g], rng) for g in torch.unique(groups)]
         ranks = torch.cat(ranks) if ranks else torch.empty(0)
         if len(ranks):
             results.append([(ranks < 1).float().mean(), (ranks < 5).float().mean(), (1.0 / (ranks + 1)).mean()])
@@ -70,3 +69,27 @@ def open_set_metrics(embeddings: Tensor, persons: Tensor, groups: Tensor | None 
         return {"rank1": float("nan"), "rank5": float("nan"), "mAP": float("nan")}
     mean = torch.tensor(results).mean(0).tolist()
     return {"rank1": mean[0], "rank5": mean[1], "mAP": mean[2]}
+
+
+def protocol_tables(outputs: dict[str, Tensor], draws: int = 10, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Metrics overall and per aspect from concatenated outputs (identity/gender/age logits, embedding, and the
+    targets identity_t, gender_t, age_t, person, aspect): {"overall" | aspect: {"identity_acc", "identity_f1", ...,
+    "identity_top5", "rank1", "rank5", "mAP"}}. Retrieval is per aspect (gallery and queries of one aspect;
+    overall pools the aspects when no subject has two images of one aspect, as in small validation splits)."""
+    tables: dict[str, dict[str, float]] = {}
+    aspect = outputs["aspect"]
+    for name, keep in [("overall", torch.ones_like(aspect, dtype=torch.bool))] + [
+            (a, aspect == i) for i, a in enumerate(ASPECTS)]:
+        if not keep.any():
+            continue
+        row: dict[str, float] = {}
+        for head in HEADS:
+            for k, v in classification_metrics(outputs[head][keep], outputs[f"{head}_t"][keep], head == "identity").items():
+                row[f"{head}_{k}"] = v
+        retrieval = open_set_metrics(outputs["embedding"][keep], outputs["person"][keep], aspect[keep], draws, seed)
+        if name == "overall" and retrieval["rank1"] != retrieval["rank1"]:
+            # No subject has two images of one aspect (a small split): pool the aspects instead of reporting NaN.
+            retrieval = open_set_metrics(outputs["embedding"], outputs["person"], None, draws, seed)
+        row.update(retrieval)
+        tables[name] = row
+    return tables

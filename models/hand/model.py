@@ -6,7 +6,7 @@ Encoder (VMamba v0, the layout of `vssmtiny_dp01_ckpt_epoch_292.pth` / `vssmsmal
 each of the first three ending in patch merging (2x2 neighbours concatenated, LayerNorm(4C), Linear 4C -> 2C). Its
 keys are VMamba's after `vmamba_key_map` (`layers.i.blocks.j.{norm,mixer}.*`, `layers.i.downsample.*`, `norm`, `head`).
 
-Decoder (SUM, UPSTREAM.md): four up stages (dims 768/384/192/96, depths 2/2/2/1); stage 0 runs VSS blocks on the
+Decoder (SUM, WACV 2025; docs/hand.md): four up stages (dims 768/384/192/96, depths 2/2/2/1); stage 0 runs VSS blocks on the
 encoder output, stages 1-3 first add the skip (the input of encoder stage 4 - i), then patch-expand (Linear C -> 2C,
 2x2 pixel shuffle, LayerNorm: channels halve, resolution doubles) and run their blocks; a final 4x expand and a 1x1
 conv give a dense (B, 1, H, W) map, trained here on the hand silhouette.
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from models.blocks import VSSBlock, vmamba_key_map
 from zoo.errors import ZooError
 
-# VMamba v0 sizes (UPSTREAM.md); micro is a CPU-sized model of the same layout.
+# VMamba v0 sizes (the released v0 configs of MzeroMiko/VMamba); micro is a CPU-sized model of the same layout.
 ENCODERS: dict[str, dict[str, Any]] = {
     "micro": dict(embed_dim=16, depths=(1, 1, 1, 1), d_state=8, decoder_depths=(1, 1, 1, 1)),
     "tiny": dict(embed_dim=96, depths=(2, 2, 9, 2), d_state=16, decoder_depths=(2, 2, 2, 1)),

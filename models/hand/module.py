@@ -8,42 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.hands11k import ASPECTS
 from losses.metric import MetricLoss
 from model_config import HandConfig
-from models.face.metrics import calibrate_threshold
-from models.hand.metrics import classification_metrics, open_set_metrics
+from models.hand.metrics import protocol_tables
 from models.hand.model import HandNet, load_vmamba_v0, timm_encoder
+from zoo.embedding import Embedder
 from zoo.module import ZooModule
-
-HEADS = ("identity", "gender", "age")
-
-
-def protocol_tables(outputs: dict[str, Tensor], draws: int = 10, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Metrics overall and per aspect from concatenated outputs (identity/gender/age logits, embedding, and the
-    targets identity_t, gender_t, age_t, person, aspect): {"overall" | aspect: {"identity_acc", "identity_f1", ...,
-    "identity_top5", "rank1", "rank5", "mAP"}}. Retrieval is per aspect (gallery and queries of one aspect;
-    overall pools the aspects when no subject has two images of one aspect, as in small validation splits)."""
-    tables: dict[str, dict[str, float]] = {}
-    aspect = outputs["aspect"]
-    for name, keep in [("overall", torch.ones_like(aspect, dtype=torch.bool))] + [
-            (a, aspect == i) for i, a in enumerate(ASPECTS)]:
-        if not keep.any():
-            continue
-        row: dict[str, float] = {}
-        for head in HEADS:
-            for k, v in classification_metrics(outputs[head][keep], outputs[f"{head}_t"][keep], head == "identity").items():
-                row[f"{head}_{k}"] = v
-        retrieval = open_set_metrics(outputs["embedding"][keep], outputs["person"][keep], aspect[keep], draws, seed)
-        if name == "overall" and retrieval["rank1"] != retrieval["rank1"]:
-            # No subject has two images of one aspect (a small split): pool the aspects instead of reporting NaN.
-            retrieval = open_set_metrics(outputs["embedding"], outputs["person"], None, draws, seed)
-        row.update(retrieval)
-        tables[name] = row
-    return tables
+from zoo.verification import calibrate_threshold
 
 
-class HandBiometrics(ZooModule):
+class HandBiometrics(Embedder, ZooModule):
     """Hand-biometrics LightningModule (task "hand"): `model(images (B, 3, S, S))` -> dict of identity / gender /
     age logits, a unit embedding (B, E) and, with the decoder, silhouette logits (B, 1, S, S).
 
@@ -57,6 +31,7 @@ class HandBiometrics(ZooModule):
 
     TASK = "hand"
     CONFIG = HandConfig
+    EMBEDDING_KEY = "embedding"  # `embed` (zoo.embedding.Embedder) returns this output
 
     def __init__(self, config=None, task=None, **overrides):
         super().__init__(config, task, **overrides)
@@ -77,13 +52,6 @@ class HandBiometrics(ZooModule):
         if self.cfg.freeze_encoder_epochs < 0:
             self.net.encoder.eval()  # a frozen encoder runs as at inference (no drop path)
         return self
-
-    @torch.no_grad()
-    def embed(self, images: Tensor, batch_size: int = 32) -> Tensor:
-        """Unit embeddings (N, E) float32 on the CPU of a normalised (N, 3, S, S) batch, in eval mode."""
-        self.eval()
-        return torch.cat([self(images[i:i + batch_size].to(self.device))["embedding"].float().cpu()
-                          for i in range(0, len(images), batch_size)])
 
     # ----- losses -----
     def losses(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -113,7 +81,7 @@ class HandBiometrics(ZooModule):
         loss = sum(parts.values())
         bs = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/epoch_loss", loss, on_step=False, on_epoch=True, batch_size=bs)
+        self.log("train/epoch_loss", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         for k, v in parts.items():
             self.log(f"train/{k}_loss", v, batch_size=bs)
         return loss
@@ -140,23 +108,25 @@ class HandBiometrics(ZooModule):
         self._evaluate("test", calibrate=False)
 
     def _evaluate(self, prefix: str, calibrate: bool) -> None:
+        # Under DDP each rank scores its own shard: sync_dist=True logs the mean over ranks.
         collected, self._outputs = self._outputs, defaultdict(list)
         if not collected:
             return
         outputs = {k: torch.cat(v) for k, v in collected.items()}
-        self.log(f"{prefix}/loss", outputs.pop("loss").mean(), prog_bar=prefix == "val")
+        self.log(f"{prefix}/loss", outputs.pop("loss").mean(), prog_bar=prefix == "val", sync_dist=True)
         tables = protocol_tables(outputs, self.cfg.gallery_draws, self.cfg.split_seed)
         for name, row in tables.items():
             where = prefix if name == "overall" else f"{prefix}/{name.replace(' ', '_')}"
             for k, v in row.items():
                 if name == "overall" or k.endswith(("_acc", "_f1")) or k in ("rank1", "mAP"):
-                    self.log(f"{where}/{k}", v, prog_bar=name == "overall" and k in ("identity_acc", "rank1"))
+                    self.log(f"{where}/{k}", v, prog_bar=name == "overall" and k in ("identity_acc", "rank1"),
+                             sync_dist=True)
         thr, acc = calibrate_threshold(outputs["embedding"], outputs["person"])
         if thr == thr:  # not NaN
             if calibrate:
                 self.threshold.fill_(thr)
-            self.log(f"{prefix}/threshold", thr)
-            self.log(f"{prefix}/pair_balanced_acc", acc)
+            self.log(f"{prefix}/threshold", thr, sync_dist=True)
+            self.log(f"{prefix}/pair_balanced_acc", acc, sync_dist=True)
 
     # ----- set-up, optimisation, checkpoints -----
     def setup(self, stage: str) -> None:
@@ -170,23 +140,6 @@ class HandBiometrics(ZooModule):
             print(f"[hand] loaded VMamba v0 weights from {path}: {len(report['missing'])} encoder key(s) not loaded "
                   f"{report['missing'][:5]}, {len(report['unexpected'])} checkpoint key(s) unused "
                   f"{report['unexpected'][:5]}, {len(report['mismatched'])} with another shape {report['mismatched'][:5]}")
-
-    def configure_optimizers(self):
-        if not self.cfg.decay_milestones:
-            return super().configure_optimizers()
-        from timm.scheduler import MultiStepLRScheduler
-
-        from zoo.optim import build_optimizer
-
-        cfg = self.cfg
-        optimizer = build_optimizer(self, cfg)
-        per_epoch = cfg.sched_interval == "epoch"
-        steps = 1 if per_epoch else self._updates_per_epoch()
-        # timm applies milestone m at t == m - 1 (its historical convention): +1 makes the lr change at epoch m.
-        scheduler = MultiStepLRScheduler(optimizer, decay_t=[int(m * steps) + 1 for m in cfg.decay_milestones],
-                                         decay_rate=cfg.decay_rate, warmup_t=int(cfg.warmup_epochs * steps),
-                                         warmup_lr_init=cfg.warmup_lr, warmup_prefix=False, t_in_epochs=per_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": cfg.sched_interval}}
 
     def configure_callbacks(self):
         if self.cfg.early_stopping_patience > 0:

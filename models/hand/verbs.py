@@ -10,24 +10,7 @@ import torch
 
 from zoo.commands import Command
 from zoo.errors import ZooError
-from zoo.images import is_image, load_rgb
-
-
-def expand_images(items: list[str]) -> list[Path]:
-    """Image files named directly or found (sorted, not recursive) in the named folders."""
-    paths: list[Path] = []
-    for item in items:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and is_image(q.name))
-            if not found:
-                raise ZooError(f"{p}: no images (jpg, png, ...) in this folder.")
-            paths += found
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise ZooError(f"{p}: no such file or folder. Give image files or folders of images.")
-    return paths
+from zoo.images import collect_images, load_rgb
 
 
 def run_images(model, paths: list[Path], batch_size: int = 32) -> dict[str, torch.Tensor]:
@@ -94,7 +77,7 @@ def _identify_args(p: argparse.ArgumentParser) -> None:
 def _identify(model, args) -> int:
     from datamodules.hands11k import age_group_names
 
-    paths = expand_images(args.images)
+    paths = collect_images(args.images)
     out = run_images(model, paths)
     cfg = model.cfg
     ages, genders = age_group_names(tuple(cfg.age_bins)), list(cfg.gender_names)
@@ -146,7 +129,7 @@ def _enroll_args(p: argparse.ArgumentParser) -> None:
 
 def _enroll(model, args) -> int:
     path = Path(args.gallery)
-    paths = expand_images(args.images)
+    paths = collect_images(args.images)
     emb, names = read_gallery(path)
     new = run_images(model, paths)["embedding"]
     if len(names) and emb.shape[1] != new.shape[1]:
@@ -168,13 +151,16 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                    help="data options, e.g. --set skip_missing_images=true --set aspects='dorsal right'")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, metavar="RESULT_JSON", help="also write the result as JSON to this file, "
+                   "with its ROC and DET curves beside it (<stem>_roc.png, <stem>_det.png)")
 
 
 def evaluate_folder(model, data_dir: str, protocol: str | None = None, overrides: list[str] | None = None,
-                    batch_size: int = 32) -> dict:
-    """The protocol's tables ({"overall" | aspect: metrics}) of `model` on an 11k Hands folder."""
+                    batch_size: int = 32, with_outputs: bool = False):
+    """The protocol's tables ({"overall" | aspect: metrics}) of `model` on an 11k Hands folder; with `with_outputs`
+    also the concatenated outputs and targets (embedding, person, ...)."""
     from datamodules.hands11k import Hands11kDataModule
-    from models.hand.module import protocol_tables
+    from models.hand.metrics import protocol_tables
 
     cfg = model.cfg.replace(protocol=protocol or model.cfg.protocol, num_workers=0, batch_size=batch_size)
     cfg = cfg.with_overrides(overrides or [])
@@ -195,11 +181,20 @@ def evaluate_folder(model, data_dir: str, protocol: str | None = None, overrides
                 chunks.setdefault(k, []).append(batch[k])
     outputs = {k: torch.cat(v) for k, v in chunks.items()}
     tables = protocol_tables(outputs, cfg.gallery_draws, cfg.split_seed)
-    return {"protocol": cfg.protocol, "split": split, "images": len(outputs["aspect"]), "tables": tables}
+    result = {"protocol": cfg.protocol, "split": split, "images": len(outputs["aspect"]), "tables": tables}
+    return (result, outputs) if with_outputs else result
 
 
 def _evaluate(model, args) -> int:
-    result = evaluate_folder(model, args.data_dir, args.protocol, args.overrides, args.batch_size)
+    from zoo.verification import all_pair_scores, verification_summary, write_result
+
+    result, outputs = evaluate_folder(model, args.data_dir, args.protocol, args.overrides, args.batch_size,
+                                      with_outputs=True)
+    curves = {"every pair": all_pair_scores(outputs["embedding"], outputs["person"])}
+    result["every_pair"] = verification_summary(*curves["every pair"])
+    if args.out:
+        result["plots"] = [str(p) for p in write_result(args.out, result, curves,
+                                                         f"hand, {result['protocol']}, {result['split']} split")]
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -209,6 +204,10 @@ def _evaluate(model, args) -> int:
     print(f"{'metric':<22}" + "".join(f"{name:>14}" for name in tables))
     for c in cols:
         print(f"{c:<22}" + "".join(f"{tables[n].get(c, float('nan')):>14.4f}" for n in tables))
+    every = result["every_pair"]
+    print(f"every pair: AUC {every['auc']:.4f}, EER {every['eer']:.4f}, TAR@FAR=1e-3 {every['tar_at_far_1e-3']:.4f}")
+    if args.out:
+        print(f"wrote {args.out} and {', '.join(result['plots'])}")
     return 0
 
 

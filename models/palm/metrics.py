@@ -6,48 +6,26 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from models.face.metrics import all_pair_scores
 from zoo.errors import ZooError
-
-
-def auc_eer(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
-    """ROC AUC and equal error rate of similarity `scores` (P,) for pairs labelled `same` (P,) bool (sklearn's ROC;
-    the EER is interpolated where the false-accept and false-reject rates cross). NaN without both kinds of pair."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    same = np.asarray(same, dtype=bool)
-    if same.all() or not same.any():
-        return float("nan"), float("nan")
-    auc = float(roc_auc_score(same, scores))
-    far, tar, _ = roc_curve(same, scores)
-    frr = 1.0 - tar
-    i = int(np.nonzero(far >= frr)[0][0])  # first ROC point where FAR reaches FRR
-    if i == 0:
-        return auc, float(far[0])
-    # linear interpolation of (far - frr) between points i-1 and i
-    d0, d1 = far[i - 1] - frr[i - 1], far[i] - frr[i]
-    w = d0 / (d0 - d1) if d0 != d1 else 0.0
-    return auc, float(far[i - 1] + w * (far[i] - far[i - 1]))
+from zoo.verification import all_pair_scores, cosine_gallery_ranks, rank_k, verification_summary
 
 
 def identity_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
-    """Verification over every unordered pair of a set: {"auc", "eer", "same_pairs", "different_pairs",
-    "mean_same", "mean_different"} (cosine similarities). embeddings (N, D), labels (N,) identity ints."""
+    """Verification over every unordered pair of a set: {"auc", "eer", "tar_at_far_1e-3", "same_pairs",
+    "different_pairs", "mean_same", "mean_different"} (cosine similarities). embeddings (N, D), labels (N,) ints."""
     scores, same = all_pair_scores(embeddings, labels)
-    auc, eer = auc_eer(scores, same)
-    return {"auc": auc, "eer": eer, "same_pairs": int(same.sum()), "different_pairs": int((~same).sum()),
+    return {**verification_summary(scores, same), "same_pairs": int(same.sum()), "different_pairs": int((~same).sum()),
             "mean_same": float(scores[same].mean()) if same.any() else float("nan"),
             "mean_different": float(scores[~same].mean()) if (~same).any() else float("nan")}
 
 
 def rank1_identification(embeddings: Tensor, labels: Tensor) -> float:
     """Open-set protocol of the palm papers: the first image of each identity is its gallery entry, every other image
-    a probe; rank-1 = the fraction of probes whose most similar gallery entry is their own identity."""
-    emb = torch.nn.functional.normalize(embeddings.detach().float().cpu(), dim=1)
+    a probe; rank-1 = the fraction of probes whose own identity's gallery entry is more similar than every other
+    identity's (a tie counts against the probe, `zoo.verification.gallery_ranks`)."""
     lab = labels.detach().cpu()
     gallery, probes = [], []
     seen: set[int] = set()
@@ -56,8 +34,7 @@ def rank1_identification(embeddings: Tensor, labels: Tensor) -> float:
         seen.add(y)
     if not probes or len(gallery) < 2:
         return float("nan")
-    sim = emb[probes] @ emb[gallery].T
-    return float((lab[gallery][sim.argmax(1)] == lab[probes]).float().mean())
+    return rank_k(cosine_gallery_ranks(embeddings, lab, gallery, probes), 1)
 
 
 # ----- FID / KID -----

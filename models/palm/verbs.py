@@ -321,10 +321,12 @@ def embed_paths(recognizer, paths: list[Path], batch_size: int = 64) -> torch.Te
     return torch.cat(chunks)
 
 
-def identity_report(recognizer, folder: str | Path, batch_size: int = 64) -> dict:
-    """Identity metrics of a folder per person (models.palm.metrics.identity_metrics + rank-1)."""
+def identity_report(recognizer, folder: str | Path, batch_size: int = 64, with_pairs: bool = False):
+    """Identity metrics of a folder per person (models.palm.metrics.identity_metrics + rank-1); with `with_pairs`
+    also the (scores, same) of every pair, for the ROC / DET plots."""
     from datamodules.palms import scan_palms
     from models.palm.metrics import identity_metrics, rank1_identification
+    from zoo.verification import all_pair_scores
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -340,8 +342,9 @@ def identity_report(recognizer, folder: str | Path, batch_size: int = 64) -> dic
     paths = [p for p, _ in scan.items]
     labels = torch.tensor([index[n] for _, n in scan.items])
     emb = embed_paths(recognizer, paths, batch_size)
-    return {"folder": str(root), "images": len(paths), "individuals": len(names), **identity_metrics(emb, labels),
-            "rank1": rank1_identification(emb, labels)}
+    report = {"folder": str(root), "images": len(paths), "individuals": len(names), **identity_metrics(emb, labels),
+              "rank1": rank1_identification(emb, labels)}
+    return (report, all_pair_scores(emb, labels)) if with_pairs else report
 
 
 def _evaluate_identity_args(p: argparse.ArgumentParser) -> None:
@@ -350,13 +353,20 @@ def _evaluate_identity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real", default=None, help="also a real folder per person, for comparison")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, metavar="RESULT_JSON", help="also write the result as JSON to this file, "
+                   "with the ROC and DET curves of each set beside it (<stem>_roc.png, <stem>_det.png)")
 
 
 def _evaluate_identity(model, args) -> int:
+    from zoo.verification import write_result
+
     recognizer = load_recognizer(args.recognizer, args.device)
-    results = [identity_report(recognizer, args.folder, args.batch_size)]
-    if args.real:
-        results.append(identity_report(recognizer, args.real, args.batch_size))
+    sets = [("generated", args.folder)] + ([("real", args.real)] if args.real else [])
+    results, curves = [], {}
+    for label, folder in sets:
+        report, curves[label] = identity_report(recognizer, folder, args.batch_size, with_pairs=True)
+        results.append(report)
+    plots = write_result(args.out, {"sets": results}, curves, "palm identity") if args.out else []
     if args.json:
         print(json.dumps(results if args.real else results[0], indent=2))
         return 0
@@ -364,6 +374,8 @@ def _evaluate_identity(model, args) -> int:
     for r in results:
         print(f"{r['folder'][-40:]:<40} {r['individuals']:>6} {r['images']:>6} {r['auc']:>7.4f} {r['eer']:>7.4f} "
               f"{r['rank1']:>7.4f} {r['mean_same']:>8.4f} {r['mean_different']:>8.4f}")
+    if plots:
+        print(f"wrote {args.out} and {', '.join(map(str, plots))}")
     return 0
 
 
