@@ -63,10 +63,10 @@ def test_a_demansia2_checkpoint_starts_the_face_encoder(tmp_path):
     face = FaceEmbedder(FaceConfig.from_presets("micro").replace(backbone="demansia2_micro", init_from=str(path)))
     face.setup("fit")
     encoder = face.net.encoder.state_dict()
-    copied = [k for k in encoder if "model." + k in source.state_dict()]
+    copied = [k for k in encoder if "net." + k in source.state_dict()]
     assert len(copied) == len(encoder) > 50  # every backbone tensor; the classifier heads are not the encoder's
     for k in copied:
-        assert torch.equal(encoder[k], source.state_dict()["model." + k]), k
+        assert torch.equal(encoder[k], source.state_dict()["net." + k]), k
 
 
 def test_a_deeper_encoder_is_partly_initialised_and_the_report_names_the_rest(tmp_path):

@@ -215,7 +215,7 @@ def test_init_from_a_demansia2_checkpoint(tmp_path):
     report = init_from_checkpoint(net, path)
     assert "initialised" in report
     for k, v in net.state_dict().items():
-        if ("model." + k) in source.state_dict():
-            assert torch.equal(v, source.state_dict()["model." + k]), k
+        if ("net." + k) in source.state_dict():
+            assert torch.equal(v, source.state_dict()["net." + k]), k
     with pytest.raises(ZooError, match="no tensor of that 'demansia2' checkpoint fits"):
         init_from_checkpoint(timm.create_model("resnet10t", num_classes=0), path)
