@@ -98,13 +98,13 @@ def test_one_fold_without_dev_train_cross_validates_inside_the_file():
 def test_face_evaluate_scores_the_test_identities_by_default(tmp_path, capsys):
     from datamodules.lfw import split_identities
     from models.face.module import FaceEmbedder
-    from models.face.verbs import face_commands
+    from models.face.verbs import COMMANDS
 
     names = [f"P_{i}" for i in range(10)]
     write_people(tmp_path, {n: 3 for n in names})
     cfg = FaceConfig.from_presets("micro").replace(split=(0.6, 0.2, 0.2), seed=3)
     model = FaceEmbedder(cfg)
-    evaluate = face_commands()[1]
+    evaluate = next(c for c in COMMANDS if c.name == "evaluate")
     args = argparse.Namespace(folder=str(tmp_path), split="test", all=False, min_images=2, pairs=None,
                               batch_size=16, json=True)
     assert evaluate.run(model, args) == 0

@@ -108,7 +108,8 @@ class ZooModule(L.LightningModule):
 
     # ----- inference -----
     def predict_commands(self) -> list:
-        """The task's own `predict.py` verbs (`zoo.commands.Command`); none by default."""
+        """The task's own `predict.py` verbs (`zoo.commands.Command`); none by default. Every task declares them one
+        way: `COMMANDS: list[Command]` at the end of its verbs.py, returned here (imported when asked for)."""
         return []
 
     def commands(self) -> list:

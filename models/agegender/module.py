@@ -106,6 +106,6 @@ class AgeGender(ZooModule):
 
     # ----- inference -----
     def predict_commands(self) -> list:
-        from models.agegender.verbs import export, predict
+        from models.agegender.verbs import COMMANDS
 
-        return [predict, export]
+        return list(COMMANDS)

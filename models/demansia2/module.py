@@ -141,7 +141,7 @@ class DeMansia2(ZooModule):
         return eval_transform(self.cfg.image_size, self.cfg.crop_pct)
 
     def predict_commands(self) -> list:
-        from models.demansia2.verbs import classify_command
+        from models.demansia2.verbs import COMMANDS
 
-        return [classify_command()]
+        return list(COMMANDS)
 

@@ -57,6 +57,7 @@ def _run(model, args: argparse.Namespace) -> int:
     return report_failed(failed, len(paths))
 
 
-def classify_command() -> Command:
-    return Command(name="classify", help="top-k classes with probabilities for image files or folders",
-                   add_arguments=_add_arguments, run=_run)
+COMMANDS: list[Command] = [
+    Command("classify", "top-k classes with probabilities for image files or folders", _add_arguments, _run,
+            aliases=("predict",)),
+]

@@ -248,9 +248,9 @@ class FaceEmbedder(ZooModule):
         return []
 
     def predict_commands(self) -> list:
-        from models.face.verbs import face_commands
+        from models.face.verbs import COMMANDS
 
-        return face_commands()
+        return list(COMMANDS)
 
 
 def verify_pairs(embeddings: Tensor, images: list, pairs: list):

@@ -175,15 +175,14 @@ def _visualize(model, args) -> int:
     return 1 if bad else 0
 
 
-def face_commands() -> list[Command]:
-    return [
-        Command("compare", "two images -> cosine similarity and same/different at the calibrated threshold",
-                _compare_args, _compare, aliases=("predict",)),
-        Command("evaluate", "retrieval metrics (Recall@1, R-Precision, MAP@R) on a folder of identities, and the "
-                "k-fold verification table with --pairs", _evaluate_args, _evaluate),
-        Command("visualize", "2-D map (t-SNE / PCA) of a folder's embeddings as an interactive HTML page with "
-                "thumbnails, logged to W&B when a run is active", _visualize_args, _visualize),
-    ]
+COMMANDS: list[Command] = [
+    Command("compare", "two images -> cosine similarity and same/different at the calibrated threshold",
+            _compare_args, _compare, aliases=("predict",)),
+    Command("evaluate", "retrieval metrics (rank-1, R-Precision, MAP@R) on a folder of identities, and the k-fold "
+            "verification table with --pairs", _evaluate_args, _evaluate),
+    Command("visualize", "2-D map (t-SNE / PCA) of a folder's embeddings as an interactive HTML page with "
+            "thumbnails, logged to W&B when a run is active", _visualize_args, _visualize),
+]
 
 
 

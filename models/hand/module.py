@@ -206,6 +206,6 @@ class HandBiometrics(ZooModule):
         checkpoint.get("state_dict", {}).setdefault("threshold", self.threshold.clone())
 
     def predict_commands(self) -> list:
-        from models.hand.verbs import hand_commands
+        from models.hand.verbs import COMMANDS
 
-        return hand_commands()
+        return list(COMMANDS)

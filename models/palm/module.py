@@ -155,6 +155,6 @@ class PalmDiffusion(ZooModule):
                                    n_samples=cfg.grid_samples)]
 
     def predict_commands(self) -> list:
-        from models.palm.verbs import palm_commands
+        from models.palm.verbs import COMMANDS
 
-        return palm_commands()
+        return list(COMMANDS)
