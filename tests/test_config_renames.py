@@ -107,6 +107,7 @@ def test_a_face_checkpoint_of_the_old_vocabulary_opens_whole(capsys):
     assert loaded.cfg == cfg
     torch.testing.assert_close(loaded.criterion.loss.W, model.criterion.loss.W)
     assert "'loss' is now 'metric_loss'" in capsys.readouterr().err
+    assert FaceEmbedder(config=cfg, loss="triplet").cfg.metric_loss == "triplet"  # an old keyword overrides too
 
 
 def test_zoo_imports_no_application_file():

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import lightning as L
 
 from zoo.config import BaseConfig
-from zoo.config_renames import upgrade_state
+from zoo.config_renames import upgrade, upgrade_state
 from zoo.errors import ZooError
 from zoo.optim import build_optimizer, build_scheduler
 
@@ -42,8 +42,8 @@ class ZooModule(L.LightningModule):
             cfg = self.CONFIG.from_presets(None)
         else:
             cfg = self.CONFIG.from_dict(config, strict=False, where=f"{self.TASK} checkpoint config")
-        if overrides:
-            cfg = self.CONFIG.from_dict({**cfg.to_dict(), **overrides})
+        if overrides:  # old field names among them are mapped first, so they replace the config's value
+            cfg = self.CONFIG.from_dict({**cfg.to_dict(), **upgrade(self.CONFIG, overrides, type(self).__name__)})
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.to_dict(), "task": self.TASK})
 

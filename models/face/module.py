@@ -134,7 +134,7 @@ class FaceEmbedder(ZooModule):
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        loss = self.loss_fn(self(images), labels)
+        loss = self.criterion(self(images), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
 
