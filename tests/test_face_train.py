@@ -118,7 +118,7 @@ def test_predict_verbs(trained, demo_dir, tmp_path, capsys):
     assert "holds no identity; use --all" in capsys.readouterr().err
     assert predict.main(["--ckpt", ckpt, "evaluate", str(demo_dir), "--pairs", "--all"]) == 0
     text = capsys.readouterr().out
-    assert "Recall@1 (precision@1)" in text and "MAP@R" in text and "4-fold verification" in text
+    assert "Rank-1 (Recall@1)" in text and "MAP@R" in text and "4-fold verification" in text
     assert len(re.findall(r"^\s+[1-4]\s+-?\d\.\d{4}\s+\d\.\d{4}$", text, flags=re.M)) == 4
 
     html = tmp_path / "emb.html"

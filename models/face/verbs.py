@@ -11,7 +11,7 @@ from zoo.commands import Command
 from zoo.errors import ZooError
 from zoo.images import drop_bad_images, load_rgb
 
-NAMES = {"rank1": "Rank-1 (precision@1, upstream's Recall@1)", "r_precision": "R-Precision", "mean_average_precision_at_r": "MAP@R"}
+NAMES = {"rank1": "Rank-1 (Recall@1)", "r_precision": "R-Precision", "mean_average_precision_at_r": "MAP@R"}
 
 
 def embed_items(model, paths: list, batch_size: int = 64, with_thumbnails: bool = False):
