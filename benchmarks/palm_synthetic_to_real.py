@@ -91,7 +91,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     import zoo.trainer
     from models.palm.verbs import generate, identity_report
-    import model_config  # noqa: F401 - the tasks' registrations
     from zoo.checkpoint import load_model
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="palm-s2r-"))
