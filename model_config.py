@@ -10,204 +10,13 @@ Adding a model = one dataclass here + one `register(...)` line at the bottom.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from zoo.config_checks import (
-    NON_EMPTY,
-    Check,
-    Each,
-    Free,
-    Matches,
-    above,
-    at_least,
-    between,
-    check_config,
-    config_error,
-)
-from zoo.errors import ZooError, did_you_mean, unknown
+from zoo.config import BaseConfig, parse_value, split_check  # noqa: F401 - re-exported (older code imports them here)
+from zoo.config_checks import NON_EMPTY, Check, Each, Free, Matches, above, at_least, between, config_error
+from zoo.errors import did_you_mean
 from zoo.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, get_entry, register  # noqa: F401 - re-exported
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Base config
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class BaseConfig:
-    """Training knobs every task has. Units: lr per optimizer step, epochs over the training set.
-
-    Every config validates itself when built (`__post_init__`, so presets, `--set`, flags and checkpoints alike): each
-    field's type, the range declared for it in `CHECKS`, then the rules between fields in `check()`; a bad value is a
-    one-line `ZooError` naming the field, the value and the valid range. A task config lists its own fields in its
-    `CHECKS` (merged with its bases'; `at_least(1)`, `above(0)`, `between(0, 1, hi_open=True)`, `Each(...)` for
-    tuples, `Matches(...)` for strings, `Free("why")` where any value of the type is fine; bool and Literal fields need
-    no entry) and overrides `check()` (calling `super().check()`) to raise `config_error(self, field, "must ...")`.
-    tests/test_config_validation.py fails for a number, string or tuple field without a `CHECKS` entry, and feeds
-    every declared range an invalid value. See zoo/config_checks.py.
-    """
-
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    optimizer: Literal["adamw", "adam", "lion", "sgd"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 1.0
-    warmup_lr: float = 1e-6  # lr at the start of the warm-up
-    min_lr: float = 1e-6  # lr at the end of the cosine decay
-    scheduler: Literal["cosine", "step", "constant"] = "cosine"
-    decay_epochs: float = 30.0  # step scheduler: decay the lr by decay_rate every decay_epochs
-    decay_rate: float = 0.1
-    sched_interval: Literal["step", "epoch"] = "step"
-    no_decay_on_norm_bias: bool = True  # exclude norms, biases, SSM params and embeddings from weight decay
-    grad_clip: float = 0.0  # max gradient norm, 0 = off
-    accumulate: int = 1  # gradient accumulation: effective batch = batch_size * accumulate * devices
-    seed: int = 42
-    num_workers: int = 2
-    image_size: int = 224
-    monitor: str = "val/loss"  # metric for best-k checkpoints
-    monitor_mode: Literal["min", "max"] = "min"
-    save_top_k: int = 1
-    ckpt_every_n_steps: int = 0  # also write last.ckpt every N optimizer steps (0 = at epoch ends only)
-    strict_data: bool = False  # unreadable image files are an error instead of being reported and skipped
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
-    DEFAULT_PRESET: ClassVar[str | None] = None
-    CHECKS: ClassVar[dict[str, Check]] = {
-        "epochs": at_least(1), "batch_size": at_least(1), "lr": above(0), "weight_decay": at_least(0),
-        "betas": Each(between(0, 1, hi_open=True)), "warmup_epochs": at_least(0), "warmup_lr": at_least(0),
-        "min_lr": at_least(0), "decay_epochs": above(0), "decay_rate": between(0, 1, lo_open=True),
-        "grad_clip": at_least(0), "accumulate": at_least(1), "seed": between(0, 2**32 - 1),
-        "num_workers": at_least(0), "image_size": at_least(1),
-        "monitor": Matches(r"(train|val|test)/\S+", "a logged metric such as val/loss", "loss"),
-        "save_top_k": at_least(-1), "ckpt_every_n_steps": at_least(0),
-    }
-
-    def __post_init__(self) -> None:
-        check_config(self)
-
-    def check(self) -> None:
-        """Rules between fields (ranges of single fields go in CHECKS); raise `config_error(self, field, why)`."""
-
-    # ----- construction -----
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any] | None = None, strict: bool = True) -> BaseConfig:
-        """Build from a plain dict (e.g. a checkpoint's hyper-parameters); unknown keys are an error when strict."""
-        values = dict(values or {})
-        names = set(cls.field_names())
-        extra = [k for k in values if k not in names]
-        if extra and strict:
-            raise ZooError(
-                f"{cls.__name__} has no field(s) {', '.join(map(repr, extra))}.{did_you_mean(extra[0], names)} "
-                f"Valid fields: {', '.join(sorted(names))}."
-            )
-        hints = typing.get_type_hints(cls)
-        kwargs = {k: _coerce_json(v, hints[k]) for k, v in values.items() if k in names}
-        return cls(**kwargs)
-
-    @classmethod
-    def from_presets(cls, presets: list[str] | str | None = None) -> BaseConfig:
-        """Defaults, then each preset in order (None -> DEFAULT_PRESET)."""
-        if presets is None:
-            presets = [cls.DEFAULT_PRESET] if cls.DEFAULT_PRESET else []
-        elif isinstance(presets, str):
-            presets = [p for p in presets.split(",") if p]
-        values: dict[str, Any] = {}
-        for p in presets:
-            if p not in cls.PRESETS:
-                raise unknown("preset", p, cls.PRESETS, fix=f"(presets of {cls.__name__}; compose them with commas)")
-            values.update(cls.PRESETS[p])
-        return cls.from_dict(values)
-
-    def replace(self, **changes: Any) -> BaseConfig:
-        return dataclasses.replace(self, **changes)
-
-    def with_overrides(self, pairs: list[str]) -> BaseConfig:
-        """Apply `key=value` strings, parsed with each field's type; errors name the key and the expected type."""
-        hints = typing.get_type_hints(type(self))
-        changes: dict[str, Any] = {}
-        for pair in pairs:
-            if "=" not in pair:
-                raise ZooError(f"--set expects key=value, got '{pair}'. Example: --set lr=3e-4")
-            key, raw = pair.split("=", 1)
-            key = key.strip().replace("-", "_")
-            if key not in hints or key.isupper():
-                raise unknown("key", key, self.field_names(), fix=f"(fields of {type(self).__name__})")
-            changes[key] = parse_value(raw.strip(), hints[key], key)
-        return self.replace(**changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def parse_value(raw: str, tp: Any, key: str = "value") -> Any:
-    """Parse a command-line string into `tp` (bool, int, float, str, Literal, Optional, tuple/list)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if raw.lower() in ("none", "null") and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return parse_value(raw, a, key)
-            except ZooError as e:
-                errors.append(str(e))
-        raise ZooError(f"--set {key}={raw}: expected {_type_name(tp)}. " + " ".join(errors[:1]))
-    if origin is Literal:
-        for choice in args:
-            if str(choice) == raw:
-                return choice
-        raise ZooError(f"--set {key}={raw}: must be one of {', '.join(map(str, args))}.")
-    if origin in (tuple, list):
-        items = json.loads(raw) if raw.startswith("[") else [s for s in raw.split(",") if s.strip()]
-        elem = args[0] if args else str
-        parsed = [parse_value(str(i).strip(), elem, key) for i in items]
-        if origin is tuple and args and args[-1] is not Ellipsis and len(parsed) != len(args):
-            raise ZooError(f"--set {key}={raw}: expected {len(args)} comma-separated values, got {len(parsed)}.")
-        return tuple(parsed) if origin is tuple else parsed
-    if tp is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ZooError(f"--set {key}={raw}: expected a boolean (true/false).")
-    if tp in (int, float):
-        try:
-            value = float(raw) if tp is float else int(float(raw)) if float(raw).is_integer() else None
-        except ValueError:
-            value = None
-        if value is None:
-            raise ZooError(f"--set {key}={raw}: expected {tp.__name__}, e.g. --set {key}={'3e-4' if tp is float else '8'}.")
-        return value
-    if tp is str:
-        return raw
-    if tp is Any:
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return raw
-    raise ZooError(f"--set {key}: fields of type {_type_name(tp)} cannot be set from the command line.")
-
-
-def _coerce_json(value: Any, tp: Any) -> Any:
-    """Lists from JSON/YAML back to tuples where the field is a tuple."""
-    if typing.get_origin(tp) is tuple and isinstance(value, list):
-        return tuple(value)
-    return value
 
 
 def mamba_width_check(cfg: Any) -> None:
@@ -219,11 +28,26 @@ def mamba_width_check(cfg: Any) -> None:
                                            f"(Mamba-2 heads), e.g. headdim={fits}, or change d_model / expand")
 
 
-def split_check(cfg: Any) -> None:
-    """train/val/test fractions: sum to 1, some training data."""
-    if abs(sum(cfg.split) - 1.0) > 1e-6 or cfg.split[0] <= 0:
-        raise config_error(cfg, "split", f"must be train,val,test fractions that sum to 1 with train > 0 "
-                                         f"(these sum to {sum(cfg.split):g})")
+# timm names the zoo registers (`import models`; tests/test_config_validation.py checks this list against it), so a
+# config checks a backbone name without importing the networks (torch, Lightning and every task).
+ZOO_TIMM_NAMES = frozenset({
+    "demansia2_micro", "demansia2_tiny", "demansia2_small", "face_mamba_micro", "face_mamba_tiny", "face_mamba_small",
+    "vmamba_micro_v0", "vmamba_tiny_v0", "vmamba_small_v0",
+})
+
+
+def backbone_name_check(cfg: Any) -> None:
+    """`cfg.backbone` is `own`, one of the zoo's timm names or a timm model (`arch` or `arch.tag`), by name only:
+    nothing is built (what a network needs of it, e.g. hand's feature levels, is checked when it is built)."""
+    arch = cfg.backbone.split(".", 1)[0]
+    if cfg.backbone == "own" or arch in ZOO_TIMM_NAMES:
+        return
+    import timm  # the registry of names; no network is built
+
+    if not timm.is_model(arch):
+        hint = did_you_mean(arch, [*timm.list_models(), *ZOO_TIMM_NAMES])
+        raise config_error(cfg, "backbone", f"must be own (the task's network) or a timm model name: Unknown backbone "
+                                            f"'{cfg.backbone}'.{hint}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -263,7 +87,7 @@ class DeMansia2Config(BaseConfig):
     aux_weight: float = 0.5  # eval logits = head(cls) + aux_weight * max_t aux_head(tokens)
     ema: bool = True
     ema_decay: float = 0.9999
-    backbone: str = "demansia2"  # demansia2 = this network; any timm name (resnet18, ...) = that model as classifier
+    backbone: str = "own"  # own = the DeMansia 2 network; any timm name (resnet18, ...) = that model as classifier
     ema_warmup: bool = True  # ramp the EMA decay as (1 + t) / (10 + t) (timm); published: a constant decay
     token_label_smoothing: Literal["normalized", "lvvit"] = "normalized"  # lvvit = the published 0.9001 / 1e-4 values
     train_interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"  # random = either, per image (published)
@@ -332,7 +156,7 @@ class DeMansia2Config(BaseConfig):
         if self.class_names and len(self.class_names) != self.num_classes:
             raise config_error(self, "class_names", f"must name num_classes={self.num_classes} classes, not "
                                                     f"{len(self.class_names)} (or be empty)")
-        if self.backbone != "demansia2":
+        if self.backbone != "own":
             return  # a timm classifier: the fields below describe our network only
         mamba_width_check(self)
         stride = 2 * self.patch_size
@@ -355,7 +179,7 @@ class AgeGenderConfig(BaseConfig):
     pretrained: bool = False  # timm / HF hub weights: downloaded when online, the local cache offline
     init_from: str | None = None  # a zoo checkpoint (e.g. demansia2's) whose network starts the backbone
     head_hidden: int = 128
-    dropout: float = 0.2
+    head_dropout: float = 0.2  # on the pooled features entering the age and gender heads
     max_age: float = 116.0
     age_loss: Literal["l1", "smooth_l1"] = "smooth_l1"  # on age / max_age
     age_beta: float = 2.0  # smooth-L1 transition in years: quadratic below, linear above
@@ -378,13 +202,13 @@ class AgeGenderConfig(BaseConfig):
         "published": dict(backbone="efficientnet_b0", pretrained=True, image_size=224, optimizer="adam", lr=1e-4,
                           weight_decay=0.0, scheduler="step", decay_epochs=20.0, decay_rate=0.1, sched_interval="epoch",
                           warmup_epochs=0.0, epochs=50,
-                          batch_size=32, age_loss="l1", dropout=0.0, split=(0.8, 0.2, 0.0), stratify=False,
+                          batch_size=32, age_loss="l1", head_dropout=0.0, split=(0.8, 0.2, 0.0), stratify=False,
                           monitor="val/loss", monitor_mode="min", no_decay_on_norm_bias=False),
     }
     DEFAULT_PRESET: ClassVar[str | None] = "micro"
     CHECKS: ClassVar[dict[str, Check]] = {
         "backbone": NON_EMPTY, "init_from": Free("a checkpoint path, checked when it is opened"),
-        "head_hidden": at_least(1), "dropout": between(0, 1, hi_open=True), "max_age": above(0),
+        "head_hidden": at_least(1), "head_dropout": between(0, 1, hi_open=True), "max_age": above(0),
         "age_beta": above(0), "age_weight": at_least(0), "gender_weight": at_least(0), "split": Each(between(0, 1)),
     }
 
@@ -399,7 +223,7 @@ class AgeGenderConfig(BaseConfig):
 class FaceConfig(BaseConfig):
     """Face embedding network trained with metric losses (docs/face.md)."""
 
-    backbone: str = "mamba"  # "mamba" = our patch-embed + Mamba-2 stack, or any timm model name
+    backbone: str = "own"  # own = our stem + Mamba-2 encoder, or any timm model name
     pretrained: bool = False
     init_from: str | None = None  # a zoo checkpoint (face, demansia2, agegender) whose network starts the encoder
     stem: Literal["patch", "conv"] = "patch"  # patch = one p x p conv (upstream); conv = 3 convs + p x p (stride 2p)
@@ -415,15 +239,15 @@ class FaceConfig(BaseConfig):
     pos_embed: bool = True
     embedding_dim: int = 256
     image_size: int = 128
-    loss: Literal["triplet", "arcface", "cosface"] = "triplet"
+    metric_loss: Literal["triplet", "arcface", "cosface"] = "triplet"
     miner: Literal["all", "semihard", "hard", "none"] = "all"  # triplet miner; "all" keeps train/loss informative
     margin: float | None = None  # None = the loss's usual one: triplet 0.2, ArcFace 28.6 (degrees), CosFace 0.35
     scale: float = 64.0  # ArcFace / CosFace scale
     stage2_miner: Literal["all", "semihard", "hard", "none"] | None = None  # upstream's two-stage schedule
     stage2_epoch: int = 0  # epoch at which stage 2 starts (fresh optimiser and schedule); 0 = one stage
     stage2_from_best: bool = False  # stage 2 restarts from the best stage-1 weights (by the monitor), as published
-    early_stop_patience: int = 0  # stop a stage after this many epochs without a better monitor value; 0 = off
-    num_classes: int = 0  # training identities, set from the data (ArcFace / CosFace class weights)
+    early_stopping_patience: int = 0  # stop a stage after this many epochs without a better monitor value; 0 = off
+    num_identities: int = 0  # training identities, set from the data (ArcFace / CosFace class weights)
     augment: Literal["none", "light", "heavy"] = "light"  # heavy = upstream's augmentation list
     pairs_file: str | None = "auto"  # LFW pairs file for verification; auto = pairs.txt beside the images; none = off
     m_per_class: int = 2  # K images per identity in each batch
@@ -435,7 +259,7 @@ class FaceConfig(BaseConfig):
     warmup_epochs: float = 2.0
     epochs: int = 40
     batch_size: int = 64
-    monitor: str = "val/precision_at_1"
+    monitor: str = "val/rank1"
     monitor_mode: Literal["min", "max"] = "max"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -443,20 +267,20 @@ class FaceConfig(BaseConfig):
         # predictably: the last one listed decides the network.
         # micro (CPU): a convolutional stem of stride 8 (8x8 tokens at 64 px) before 2 bidirectional Mamba-2 layers.
         # On real faces (ORL, benchmarks/RESULTS.md "Real data") it lifts R-precision 0.57 -> 0.70 over the patch conv.
-        "micro": dict(backbone="mamba", stem="conv", stem_channels=32, patch_size=4, d_model=64, depth=2, d_state=16,
+        "micro": dict(backbone="own", stem="conv", stem_channels=32, patch_size=4, d_model=64, depth=2, d_state=16,
                       d_conv=4, expand=2, headdim=16, bidirectional=True, pos_embed=True, embedding_dim=64,
                       image_size=64, epochs=15, batch_size=32, lr=2e-3, warmup_epochs=1.0),
-        "tiny": dict(backbone="mamba", stem="patch", stem_channels=32, patch_size=8, d_model=192, depth=12, d_state=64,
+        "tiny": dict(backbone="own", stem="patch", stem_channels=32, patch_size=8, d_model=192, depth=12, d_state=64,
                      d_conv=4, expand=2, headdim=48, bidirectional=True, pos_embed=True, embedding_dim=256,
                      image_size=112),
-        "small": dict(backbone="mamba", stem="patch", stem_channels=32, patch_size=8, d_model=384, depth=12,
+        "small": dict(backbone="own", stem="patch", stem_channels=32, patch_size=8, d_model=384, depth=12,
                       d_state=64, d_conv=4, expand=2, headdim=64, bidirectional=True, pos_embed=True, embedding_dim=512,
                       image_size=112),
-        "published": dict(backbone="mamba", stem="patch", stem_channels=32, patch_size=8, d_model=128, depth=6,
+        "published": dict(backbone="own", stem="patch", stem_channels=32, patch_size=8, d_model=128, depth=6,
                           d_state=64, d_conv=4, expand=2, headdim=32, bidirectional=False, pos_embed=False,
                           embedding_dim=128, image_size=128,
-                          loss="triplet", miner="all", margin=0.2, stage2_miner="hard", m_per_class=2,
-                          stage2_epoch=10, stage2_from_best=True, early_stop_patience=10, optimizer="adamw",
+                          metric_loss="triplet", miner="all", margin=0.2, stage2_miner="hard", m_per_class=2,
+                          stage2_epoch=10, stage2_from_best=True, early_stopping_patience=10, optimizer="adamw",
                           lr=3e-3, warmup_epochs=10.0, min_lr=1e-6, sched_interval="epoch", epochs=20, batch_size=32,
                           augment="heavy"),
     }
@@ -466,7 +290,7 @@ class FaceConfig(BaseConfig):
         "depth": at_least(1), "d_state": at_least(1), "d_conv": at_least(1), "expand": at_least(1),
         "headdim": at_least(1), "embedding_dim": at_least(1), "margin": above(0), "scale": above(0),
         "stage2_epoch": at_least(0),
-        "early_stop_patience": at_least(0), "num_classes": at_least(0),
+        "early_stopping_patience": at_least(0), "num_identities": at_least(0),
         "pairs_file": Free("a file (or auto / none), checked when the data loads"), "m_per_class": at_least(1),
         "init_from": Free("a checkpoint path, checked when it is opened"),
         "min_images_per_person": at_least(1), "split": Each(between(0, 1)),
@@ -475,7 +299,7 @@ class FaceConfig(BaseConfig):
     def check(self) -> None:
         super().check()
         split_check(self)
-        if self.backbone == "mamba":
+        if self.backbone == "own":
             mamba_width_check(self)
             stride = self.patch_size * (2 if self.stem == "conv" else 1)
             if self.image_size < stride:
@@ -502,7 +326,7 @@ class HandConfig(BaseConfig):
     image_size: int = 224
     # network
     encoder: Literal["micro", "tiny", "small"] = "tiny"  # VMamba v0 size (with a timm backbone: the dims it maps to)
-    backbone: str = "vmamba"  # vmamba = the VMamba v0 encoder; any timm name = its levels at strides 4-32, projected
+    backbone: str = "own"  # own = the VMamba v0 encoder; any timm name = its levels at strides 4-32, projected
     pretrained: bool = False  # timm backbone: the published weights (local cache, else downloaded unless offline)
     pretrained_ckpt: str | None = None  # VMamba v0 ImageNet checkpoint (.pth, its `model` entry) for the encoder
     drop_path: float = 0.1
@@ -576,21 +400,15 @@ class HandConfig(BaseConfig):
         super().check()
         if self.image_size % 32:
             raise config_error(self, "image_size", "must be a multiple of 32 (VMamba's stride; the U-Net adds skips)")
-        if self.backbone == "vmamba":
+        if self.backbone == "own":
             if self.pretrained:
                 raise config_error(self, "pretrained", "needs a timm backbone (--set backbone=NAME); VMamba's v0 "
                                                        "weights load with --set pretrained_ckpt=PATH")
         else:
             if self.pretrained_ckpt:
-                raise config_error(self, "pretrained_ckpt", "is a VMamba v0 checkpoint: it needs backbone=vmamba "
+                raise config_error(self, "pretrained_ckpt", "is a VMamba v0 checkpoint: it needs backbone=own "
                                                             "(a timm backbone takes --set pretrained=true)")
-            from models.hand.model import timm_feature_levels
-
-            try:
-                timm_feature_levels(self.backbone)  # an unknown name is models.backbones' ZooError
-            except ValueError as e:
-                raise config_error(self, "backbone", f"must be vmamba or a timm model with feature levels at "
-                                                     f"reductions 4, 8, 16 and 32 (the U-Net's scales): {e}") from None
+            backbone_name_check(self)
         bins = tuple(self.age_bins)
         if len(bins) < 2 or any(b <= a for a, b in zip(bins, bins[1:])):
             raise config_error(self, "age_bins", "must be at least two increasing ages (right-open groups)")
@@ -616,7 +434,7 @@ class PalmConfig(BaseConfig):
     vss_levels: int = 2  # innermost resolutions whose attention becomes a VSSBlock (the middle block always does)
     vss_d_state: int = 16
     vss_expand: int = 2
-    dropout: float = 0.0
+    dropout: float = 0.0  # inside the U-Net's ResNet blocks (the library's Unet `dropout`)
     timesteps: int = 1000
     objective: Literal["pred_noise", "pred_x0", "pred_v"] = "pred_v"
     beta_schedule: Literal["linear", "cosine", "sigmoid"] = "sigmoid"

@@ -33,6 +33,7 @@ def run(argv: list[str] | None = None) -> int:
             return 0
         raise ZooError("predict.py needs --ckpt PATH (a checkpoint written by train.py; the task is read from it).")
 
+    import model_config  # noqa: F401 - the tasks' registrations, which load_model looks the checkpoint's task up in
     from zoo.checkpoint import load_model
 
     model = load_model(known.ckpt, map_location=known.device, trust=known.trust_checkpoint, for_predict=True)

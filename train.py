@@ -3,7 +3,7 @@
 
     python train.py --model demansia2                       # demo data, default preset
     python train.py --model demansia2 --preset tiny --data-dir /data/imagenet --devices 4 --strategy ddp
-    python train.py --model face --set loss=arcface --set embedding_dim=512
+    python train.py --model face --set metric_loss=arcface --set embedding_dim=512
     python train.py --model demansia2 --resume last         # continue the newest run exactly where it stopped
     python train.py --model demansia2 --validate --ckpt checkpoints/demansia2/<run>/last.ckpt
     python train.py --list

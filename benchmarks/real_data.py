@@ -73,7 +73,7 @@ TEACHER_ROWS = {"demansia2": [("DeMansia 2 + CNN token labels", "timm test_resne
 TASK_SETS = {"hand": ["--set", "protocol=open_set", "--set", "skip_missing_images=true"]}
 METRICS = {
     "demansia2": ["test/top1", "test/top5"],
-    "face": ["test/precision_at_1", "test/r_precision", "test/mean_average_precision_at_r", "test/verif_acc"],
+    "face": ["test/rank1", "test/r_precision", "test/mean_average_precision_at_r", "test/verif_acc"],
     "agegender": ["test/age_mae", "test/gender_acc"],
     "hand": ["test/rank1", "test/mAP", "test/gender_acc", "test/age_acc"],
     "palm": ["test/loss"],

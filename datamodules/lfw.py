@@ -198,7 +198,7 @@ class LFWDataModule(ZooDataModule):
             self.pair_images = self.pair_set.images
 
     def config_overrides(self) -> dict[str, Any]:
-        return {"num_classes": len(self.people["train"])}
+        return {"num_identities": len(self.people["train"])}
 
     def summary(self) -> str:
         parts = [f"{s} {len(p)} people / {sum(map(len, p.values()))} images" for s, p in self.people.items()]

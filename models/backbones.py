@@ -22,6 +22,7 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
+from zoo.config_renames import upgrade_state
 from zoo.errors import ZooError, did_you_mean
 
 
@@ -84,11 +85,13 @@ def _download(name: str, missing: ZooError, **kwargs: Any) -> nn.Module:
 
 
 def init_from_checkpoint(net: nn.Module, path: str | os.PathLike,
-                         prefixes: tuple[str, ...] = ("model.", "net.encoder.", "backbone.")) -> str:
+                         prefixes: tuple[str, ...] = ("net.encoder.", "net.")) -> str:
     """Start `net` from the network inside a zoo checkpoint (e.g. a demansia2 run as the face / age-gender backbone).
 
-    The checkpoint is read as data (`torch.load(weights_only=True)`). Its state-dict keys are matched after removing
-    the one of `prefixes` that fits most tensors (model. = demansia2, net.encoder. = face, backbone. = agegender);
+    The checkpoint is read as data (`torch.load(weights_only=True)`); keys saved under an attribute's old name are
+    renamed first (`zoo.config_renames.STATE_RENAMES`), so every task's network is under `net.`. Its state-dict keys
+    are matched after removing the one of `prefixes` that fits most tensors (net.encoder. = face's encoder without its
+    embedding head, net. = demansia2's network or agegender's backbone);
     every tensor of `net` whose name and shape match is copied, the rest (classifier heads, extra layers) is left as
     initialised. Returns a one-line report naming what was copied and what was not; a checkpoint that fits fewer than
     half of `net`'s tensors is a ZooError that names the checkpoint's and the backbone's layers (or the shape clashes).
@@ -97,9 +100,9 @@ def init_from_checkpoint(net: nn.Module, path: str | os.PathLike,
 
     path = Path(path).expanduser()
     ckpt = read_checkpoint(path)
-    source = ckpt["state_dict"]
-    target = net.state_dict()
     task = (ckpt.get("hyper_parameters") or {}).get("task", "?")
+    source = upgrade_state(task, ckpt["state_dict"])
+    target = net.state_dict()
     best: dict[str, Any] = {}
     best_prefix, clashes = "", []
     for prefix in prefixes:

@@ -65,7 +65,7 @@ def _train_steps(model: AgeGender, batch: dict[str, torch.Tensor], steps: int,
 
 def test_overfits_a_small_batch_of_demo_faces():
     torch.manual_seed(0)
-    model = AgeGender(backbone="resnet10t", image_size=64, dropout=0.0)
+    model = AgeGender(backbone="resnet10t", image_size=64, head_dropout=0.0)
     losses, accuracies = _train_steps(model, face_batch(16, size=48), steps=12)
     assert np.mean(losses[-3:]) < 0.2 * np.mean(losses[:3]), losses
     assert min(accuracies[-3:]) >= 0.9 and np.mean(accuracies[-3:]) > accuracies[0], accuracies
@@ -75,10 +75,10 @@ def test_swap_to_the_zoo_mamba_backbone_trains():
     torch.manual_seed(0)
     model = AgeGender(backbone="demansia2_micro", image_size=64)
     batch = face_batch(2)
-    before = [p.detach().clone() for p in model.backbone.parameters()]
+    before = [p.detach().clone() for p in model.net.parameters()]
     losses, _ = _train_steps(model, batch, steps=2)
     assert all(np.isfinite(losses))
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))  # the backbone learns
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.net.parameters()))  # the backbone learns
 
 
 def test_train_py_fast_dev_run(tmp_path, monkeypatch):

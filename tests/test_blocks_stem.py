@@ -60,7 +60,7 @@ def test_configs_saved_before_the_stem_field_keep_their_stem():
     from models.demansia2 import DeMansia2
     from models.face import FaceEmbedder
 
-    for module_cls, cfg_cls, key in ((DeMansia2, DeMansia2Config, "model.patch_embed.conv1.weight"),
+    for module_cls, cfg_cls, key in ((DeMansia2, DeMansia2Config, "net.patch_embed.conv1.weight"),
                                      (FaceEmbedder, FaceConfig, "net.encoder.patch_embed.proj.weight")):
         saved = cfg_cls.from_presets("micro").to_dict()
         assert saved.pop("stem") != cfg_cls().stem  # micro's stem is the new one

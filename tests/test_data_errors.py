@@ -154,12 +154,12 @@ def folder_with_one_bad_image(tmp_path):
 
 def test_classify_prints_good_images_and_names_the_bad_one(folder_with_one_bad_image, capsys):
     from models.demansia2.module import DeMansia2
-    from models.demansia2.verbs import classify_command
+    from models.demansia2.verbs import COMMANDS
 
     model = DeMansia2(DeMansia2Config.from_presets("micro").replace(image_size=32, num_classes=3,
                                                                     class_names=("x", "y", "z")))
     args = argparse.Namespace(images=[str(folder_with_one_bad_image)], top_k=2, batch_size=8, json=False)
-    assert classify_command().run(model, args) == 1
+    assert COMMANDS[0].run(model, args) == 1
     out, err = capsys.readouterr()
     assert "a.jpg" in out and "b.PNG" in out and "c.jpg" not in out
     assert "1 of 3 image(s) could not be read" in err and "c.jpg: not an image" in err
@@ -167,32 +167,32 @@ def test_classify_prints_good_images_and_names_the_bad_one(folder_with_one_bad_i
 
 def test_agegender_predict_prints_good_images_and_names_the_bad_one(folder_with_one_bad_image, capsys):
     from models.agegender.module import AgeGender
-    from models.agegender.verbs import predict
+    from models.agegender.verbs import COMMANDS
 
     model = AgeGender(AgeGenderConfig.from_presets("micro").replace(image_size=32)).eval()
     args = argparse.Namespace(images=[str(folder_with_one_bad_image)], batch_size=8, json=False)
-    assert predict.run(model, args) == 1
+    assert COMMANDS[0].run(model, args) == 1
     out, err = capsys.readouterr()
     assert out.count("\tage ") == 2 and "c.jpg: not an image" in err
 
 
 def test_a_missing_image_gives_the_same_message_in_every_task(tmp_path):
     from models.agegender.module import AgeGender
-    from models.agegender.verbs import predict
+    from models.agegender.verbs import COMMANDS as AGEGENDER
     from models.demansia2.module import DeMansia2
-    from models.demansia2.verbs import classify_command
+    from models.demansia2.verbs import COMMANDS as DEMANSIA2
     from models.face.module import FaceEmbedder
-    from models.face.verbs import face_commands
+    from models.face.verbs import COMMANDS as FACE
 
     missing = tmp_path / "nope.jpg"
     save_rgb(tmp_path / "ok.jpg", np.zeros((8, 8, 3), np.uint8))
     expected = missing_image_message(missing)
     runs = [
-        (classify_command(), DeMansia2(DeMansia2Config.from_presets("micro").replace(num_classes=3)),
+        (DEMANSIA2[0], DeMansia2(DeMansia2Config.from_presets("micro").replace(num_classes=3)),
          argparse.Namespace(images=[str(missing)], top_k=1, batch_size=4, json=False)),
-        (predict, AgeGender(AgeGenderConfig.from_presets("micro")),
+        (AGEGENDER[0], AgeGender(AgeGenderConfig.from_presets("micro")),
          argparse.Namespace(images=[str(missing)], batch_size=4, json=False)),
-        (face_commands()[0], FaceEmbedder(FaceConfig.from_presets("micro")),
+        (FACE[0], FaceEmbedder(FaceConfig.from_presets("micro")),
          argparse.Namespace(image_a=str(tmp_path / "ok.jpg"), image_b=str(missing), threshold=None, json=False)),
     ]
     for command, model, args in runs:

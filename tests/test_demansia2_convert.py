@@ -153,12 +153,12 @@ def test_every_released_key_is_consumed(converted):
     state, dst = converted
     assert len(state) == 393
     ckpt = torch.load(dst, map_location="cpu", weights_only=True)
-    assert set(ckpt["state_dict"]) == {"model." + k for k in state}
+    assert set(ckpt["state_dict"]) == {"net." + k for k in state}
     model = DeMansia2.load_from_checkpoint(dst, map_location="cpu")
     own = model.state_dict()
     assert set(own) == set(ckpt["state_dict"])
     for k, v in state.items():
-        torch.testing.assert_close(own["model." + k], v, msg=k)
+        torch.testing.assert_close(own["net." + k], v, msg=k)
     assert model.cfg.scan_mode == "legacy" and model.cfg.num_classes == 1000
     assert model.class_names[0] == "tench"
 

@@ -78,7 +78,7 @@ def test_tiny_state_dict_keys_mirror_the_release():
 def test_lightning_module_is_meta_device_safe_and_prefixes_model():
     with torch.device("meta"):
         module = DeMansia2(config=DeMansia2Config.from_presets("tiny"))
-    assert all(k.startswith("model.") for k in module.state_dict())
+    assert all(k.startswith("net.") for k in module.state_dict())
 
 
 def test_mix_box_and_swap_back():

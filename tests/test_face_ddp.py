@@ -66,7 +66,7 @@ def test_two_gloo_ranks_give_the_single_process_metrics(tmp_path):
     assert torch.equal(r0["rows"], emb) and torch.equal(r1["rows"], emb)
     assert r0["warnings"] == r1["warnings"] == []  # e.g. no deprecated torch.distributed.nn all_gather
     assert r0["metrics"] == single and r1["metrics"] == single, (r0["metrics"], single)
-    assert 0 < single["precision_at_1"] < 1  # the data is neither trivial nor random
+    assert 0 < single["rank1"] < 1  # the data is neither trivial nor random
 
     # P x K: the ranks split the same epoch of batches between them (every other batch), none shared
     global_batches = list(PKBatchSampler(labels.tolist(), batch_size=4, k=2, seed=3, num_replicas=1, rank=0))

@@ -34,7 +34,7 @@ def test_published_preset_is_upstream_recssm():
                 "net.encoder.blocks.0.mixer.A_log", "net.encoder.final_norm.bias", "net.head.weight", "threshold"):
         assert key in names
     cfg = model.cfg
-    assert (cfg.loss, cfg.miner, cfg.margin, cfg.stage2_miner, cfg.m_per_class, cfg.lr, cfg.warmup_epochs) == \
+    assert (cfg.metric_loss, cfg.miner, cfg.margin, cfg.stage2_miner, cfg.m_per_class, cfg.lr, cfg.warmup_epochs) == \
         ("triplet", "all", 0.2, "hard", 2, 3e-3, 10.0)
 
 
@@ -87,15 +87,15 @@ def test_conv_stem_needs_an_image_of_its_stride():
 
 @pytest.mark.parametrize("kind", ["triplet", "arcface", "cosface"])
 def test_losses_are_submodules_with_their_weights_optimised(kind):
-    cfg = FaceConfig.from_presets("micro").replace(loss=kind, num_classes=5, embedding_dim=8, d_model=16, depth=1,
+    cfg = FaceConfig.from_presets("micro").replace(metric_loss=kind, num_identities=5, embedding_dim=8, d_model=16, depth=1,
                                                    headdim=8, image_size=16)
     model = FaceEmbedder(cfg)
     emb = torch.nn.functional.normalize(torch.randn(10, 8), dim=1)
     labels = torch.arange(5).repeat(2)
-    assert torch.isfinite(model.loss_fn(emb, labels))
+    assert torch.isfinite(model.criterion(emb, labels))
     if kind != "triplet":
-        assert model.loss_fn.loss.W.shape == (8, 5)
-        assert any(n.startswith("loss_fn.loss.W") for n, _ in model.named_parameters())
+        assert model.criterion.loss.W.shape == (8, 5)
+        assert any(n.startswith("criterion.loss.W") for n, _ in model.named_parameters())
 
 
 def test_miner_switch():
@@ -116,7 +116,7 @@ def test_retrieval_metrics_hand_example():
     emb = torch.stack([angles.cos(), angles.sin()], dim=1)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     m = retrieval_metrics(emb, labels)
-    assert m["precision_at_1"] == pytest.approx(4 / 6)
+    assert m["rank1"] == pytest.approx(4 / 6)
     assert m["r_precision"] == pytest.approx(2.5 / 6)
     assert m["mean_average_precision_at_r"] == pytest.approx(2.25 / 6)
 

@@ -39,12 +39,12 @@ def run(demo_dir, tmp_path, monkeypatch, values, *extra):
 
     real, script = models.face.module.retrieval_metrics, iter([0.0, *values])
     monkeypatch.setattr(models.face.module, "retrieval_metrics",
-                        lambda emb, labels: {**real(emb, labels), "precision_at_1": next(script)})
+                        lambda emb, labels: {**real(emb, labels), "rank1": next(script)})
     zoo.trainer.CHECKPOINT_ROOT, old = tmp_path, zoo.trainer.CHECKPOINT_ROOT
     try:
         rec = Scripted()
         out = train.run(["--model", "face", "--data-dir", str(demo_dir), "--epochs", str(len(values)), "--run-name", "s",
-                         *TINY, "--set", "early_stop_patience=2", *extra], extra_callbacks=[rec])
+                         *TINY, "--set", "early_stopping_patience=2", *extra], extra_callbacks=[rec])
     finally:
         zoo.trainer.CHECKPOINT_ROOT = old
     return out, rec
@@ -59,7 +59,7 @@ def test_one_stage_run_stops_after_patience_validations_without_improvement(demo
 def test_stage1_early_stop_hands_over_to_stage2_from_the_best_weights(demo_dir, tmp_path, monkeypatch):
     values = [0.3, 0.7, 0.5, 0.4, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
     out, rec = run(demo_dir, tmp_path, monkeypatch, values, "--set", "stage2_miner=hard", "--set", "stage2_epoch=5",
-                   "--set", "stage2_from_best=true", "--set", "early_stop_patience=2")
+                   "--set", "stage2_from_best=true", "--set", "early_stopping_patience=2")
     # Stage 1: best at epoch 1 (0.7), epochs 2 and 3 worse -> stage 2 starts at epoch 4 (not the scheduled 5) ...
     assert rec.stages[:5] == [1, 1, 1, 1, 2]
     # ... from the weights at the end of epoch 1 (the best checkpoint), which are the weights at epoch 2's start,

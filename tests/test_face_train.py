@@ -33,14 +33,14 @@ class Recorder(L.Callback):
         self.weights_at_start = None
 
     def on_train_start(self, trainer, pl_module):
-        if hasattr(pl_module.loss_fn.loss, "W"):
-            self.weights_at_start = pl_module.loss_fn.loss.W.detach().clone()
+        if hasattr(pl_module.criterion.loss, "W"):
+            self.weights_at_start = pl_module.criterion.loss.W.detach().clone()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:  # after the module's own epoch-start hook (callbacks' hooks run before the module's)
             self.losses.append([])
             self.optimizers.append(trainer.optimizers[0])
-            self.miners.append(pl_module.loss_fn.miner_kind)
+            self.miners.append(pl_module.criterion.miner_kind)
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -70,10 +70,10 @@ def trained(demo_dir, tmp_path_factory):
     return out, rec
 
 
-def val_precision_at_1(model, dm) -> float:
+def val_rank1(model, dm) -> float:
     ds = dm.dataset("val")
     images = torch.stack([ds[i][0] for i in range(len(ds))])
-    return retrieval_metrics(model.embed(images), torch.tensor(ds.labels))["precision_at_1"]
+    return retrieval_metrics(model.embed(images), torch.tensor(ds.labels))["rank1"]
 
 
 def test_loss_falls_and_recall_at_1_rises(trained):
@@ -82,13 +82,13 @@ def test_loss_falls_and_recall_at_1_rises(trained):
     first, last = sum(rec.losses[0]) / len(rec.losses[0]), sum(rec.losses[-1]) / len(rec.losses[-1])
     assert last < 0.7 * first, (first, last)
     fresh = FaceEmbedder(config=model.cfg)
-    before, after = val_precision_at_1(fresh, dm), val_precision_at_1(model, dm)
+    before, after = val_rank1(fresh, dm), val_rank1(model, dm)
     n_val = {n: len(v) for n, v in dm.people["val"].items()}
     chance = (6 - 1) / (sum(n_val.values()) - 1)
     print(f"val precision@1: untrained {before:.3f}, trained {after:.3f}, chance {chance:.3f}")
     assert after > before and after > 2 * chance, (before, after, chance)
     metrics = trainer.callback_metrics
-    assert {"val/precision_at_1", "val/r_precision", "val/mean_average_precision_at_r", "val/verif_acc",
+    assert {"val/rank1", "val/r_precision", "val/mean_average_precision_at_r", "val/verif_acc",
             "val/verif_auc", "val/threshold"} <= set(metrics)
     assert float(model.threshold) == pytest.approx(float(metrics["val/threshold"]))
     assert float(model.threshold) != 0.5
@@ -118,7 +118,7 @@ def test_predict_verbs(trained, demo_dir, tmp_path, capsys):
     assert "holds no identity; use --all" in capsys.readouterr().err
     assert predict.main(["--ckpt", ckpt, "evaluate", str(demo_dir), "--pairs", "--all"]) == 0
     text = capsys.readouterr().out
-    assert "Recall@1 (precision@1)" in text and "MAP@R" in text and "4-fold verification" in text
+    assert "Rank-1 (Recall@1)" in text and "MAP@R" in text and "4-fold verification" in text
     assert len(re.findall(r"^\s+[1-4]\s+-?\d\.\d{4}\s+\d\.\d{4}$", text, flags=re.M)) == 4
 
     html = tmp_path / "emb.html"
@@ -134,13 +134,13 @@ def test_arcface_class_weights_are_trained(demo_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(zoo.trainer, "CHECKPOINT_ROOT", tmp_path)
     rec = Recorder()
-    out = train.run(["--model", "face", "--data-dir", str(demo_dir), "--set", "loss=arcface", "--max-steps", "2",
+    out = train.run(["--model", "face", "--data-dir", str(demo_dir), "--set", "metric_loss=arcface", "--max-steps", "2",
                      "--limit-val-batches", "1", *TINY], extra_callbacks=[rec])
     model = out["model"]
-    assert model.loss_fn.loss.W.shape == (32, model.cfg.num_classes) and model.cfg.num_classes == 12
+    assert model.criterion.loss.W.shape == (32, model.cfg.num_identities) and model.cfg.num_identities == 12
     optimised = {id(p) for g in out["trainer"].optimizers[0].param_groups for p in g["params"]}
-    assert id(model.loss_fn.loss.W) in optimised
-    assert not torch.allclose(rec.weights_at_start, model.loss_fn.loss.W.detach())
+    assert id(model.criterion.loss.W) in optimised
+    assert not torch.allclose(rec.weights_at_start, model.criterion.loss.W.detach())
 
 
 def test_two_stage_schedule_switches_miner_and_restarts_the_optimiser(demo_dir, tmp_path, monkeypatch):

@@ -87,10 +87,9 @@ def test_trains_and_round_trips_a_checkpoint():
 
 
 @pytest.mark.parametrize("sets, words", [
-    (["backbone=test_vit"], ["backbone=test_vit", "reductions 4, 8, 16 and 32", "has feature levels at reductions 16"]),
     (["backbone=resnet10tt"], ["Unknown backbone 'resnet10tt'", "resnet10t"]),
     (["pretrained=true"], ["pretrained=True", "timm backbone", "pretrained_ckpt"]),
-    (["backbone=test_resnet", "pretrained_ckpt=v0.pth"], ["pretrained_ckpt=v0.pth", "backbone=vmamba"]),
+    (["backbone=test_resnet", "pretrained_ckpt=v0.pth"], ["pretrained_ckpt=v0.pth", "backbone=own"]),
 ])
 def test_refused_up_front_in_one_line(sets, words, capsys):
     argv = ["--model", "hand", "--show-config"] + [a for kv in sets for a in ("--set", kv)]
@@ -99,6 +98,15 @@ def test_refused_up_front_in_one_line(sets, words, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     for w in words:
         assert w in err, (w, err)
+
+
+def test_a_backbone_without_the_unet_scales_is_refused_when_the_network_is_built():
+    """The config checks the name only (nothing is built to validate it); building the network names the field."""
+    cfg = HandConfig.from_presets("micro").replace(backbone="test_vit")  # a timm name: the config accepts it
+    with pytest.raises(ZooError) as e:
+        HandBiometrics(cfg)
+    for w in ("backbone=test_vit", "reductions 4, 8, 16 and 32", "has feature levels at reductions 16"):
+        assert w in str(e.value), (w, str(e.value))
 
 
 @pytest.fixture

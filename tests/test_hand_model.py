@@ -98,7 +98,7 @@ def test_forward_shapes_at_224(preset, monkeypatch):
         assert net.identity_head.net[0].in_features == 37632 and net.encoder.dims[-1] == 768
         assert sum(len(s.blocks) for s in net.encoder.layers) == 2 + 2 + 27 + 2
         assert not any(p.requires_grad for p in net.encoder.parameters())  # frozen encoder
-        assert module.metric_loss is None and net.decoder is None
+        assert module.criterion is None and net.decoder is None
     else:
         assert out["silhouette"].shape == (1, 1, 224, 224) and out["embedding"].shape == (1, cfg.embedding_dim)
     if device == "cpu":

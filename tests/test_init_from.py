@@ -63,10 +63,29 @@ def test_a_demansia2_checkpoint_starts_the_face_encoder(tmp_path):
     face = FaceEmbedder(FaceConfig.from_presets("micro").replace(backbone="demansia2_micro", init_from=str(path)))
     face.setup("fit")
     encoder = face.net.encoder.state_dict()
-    copied = [k for k in encoder if "model." + k in source.state_dict()]
+    copied = [k for k in encoder if "net." + k in source.state_dict()]
     assert len(copied) == len(encoder) > 50  # every backbone tensor; the classifier heads are not the encoder's
     for k in copied:
-        assert torch.equal(encoder[k], source.state_dict()["model." + k]), k
+        assert torch.equal(encoder[k], source.state_dict()["net." + k]), k
+
+
+def test_a_demansia2_checkpoint_written_before_net_still_starts_a_backbone(tmp_path):
+    """Its network was `model.` then (zoo.config_renames.STATE_RENAMES): every tensor is still found."""
+    import timm
+
+    import models  # noqa: F401 - the zoo's timm names
+    from models.backbones import init_from_checkpoint
+    from models.demansia2.module import DeMansia2
+
+    source = DeMansia2(DeMansia2Config.from_presets("micro"))
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {k.replace("net.", "model.", 1): v for k, v in source.state_dict().items()},
+                "hyper_parameters": dict(source.hparams)}, path)
+    net = timm.create_model("demansia2_micro", num_classes=0)
+    report = init_from_checkpoint(net, path)
+    assert "(net.*)" in report
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, source.state_dict()["net." + k]), k
 
 
 def test_a_deeper_encoder_is_partly_initialised_and_the_report_names_the_rest(tmp_path):

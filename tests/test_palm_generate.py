@@ -1,4 +1,4 @@
-"""`predict.py generate` / `evaluate-identity` on a tiny palm model trained briefly on the demo identities: layout,
+"""`predict.py generate` / `evaluate` on a tiny palm model trained briefly on the demo identities: layout,
 size, reproducibility, `--variation 0`, identity-keeping variations, the identity metrics, clear errors."""
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def test_evaluate_identity_with_a_face_checkpoint_and_errors(palm, tmp_path, cap
                 "pytorch-lightning_version": lightning.__version__}, face_ckpt)
     generate(model, tmp_path / "gen", 3, 3, seed=0, progress=False)
     capsys.readouterr()
-    assert predict.main(["--ckpt", palm_ckpt, "evaluate-identity", "--recognizer", face_ckpt, str(tmp_path / "gen"),
+    assert predict.main(["--ckpt", palm_ckpt, "evaluate", "--recognizer", face_ckpt, str(tmp_path / "gen"),
                          "--json", "--out", str(tmp_path / "eval" / "palm.json")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["individuals"] == 3 and result["images"] == 9

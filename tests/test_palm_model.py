@@ -68,14 +68,14 @@ def test_loss_falls_on_a_fixed_batch():
     model = PalmDiffusion(tiny_cfg())
     images = torch.rand(8, 1, 1, 1).mul(0.6).add(0.2).expand(8, 3, 16, 16).contiguous()  # flat grey levels
     with torch.no_grad():
-        before = float(model.fixed_loss(model.diffusion, images, seed=3))
-    opt = torch.optim.Adam(model.diffusion.parameters(), lr=3e-3)
+        before = float(model.fixed_loss(model.net, images, seed=3))
+    opt = torch.optim.Adam(model.net.parameters(), lr=3e-3)
     for _ in range(40):
         opt.zero_grad()
         model(images).backward()
         opt.step()
     with torch.no_grad():
-        after = float(model.fixed_loss(model.diffusion, images, seed=3))
+        after = float(model.fixed_loss(model.net, images, seed=3))
     assert after < 0.8 * before, (before, after)
 
 
@@ -101,7 +101,7 @@ def test_ema_weights_differ_from_raw_and_are_what_sampling_uses_after_loading(tr
     model, path = trained
     assert model.has_ema and int(model.ema.step) == 6
     loaded = PalmDiffusion.load_from_checkpoint(str(path), map_location="cpu")
-    raw = dict(loaded.diffusion.named_parameters())
+    raw = dict(loaded.net.named_parameters())
     ema = dict(loaded.ema_diffusion.named_parameters())
     assert raw.keys() == ema.keys()
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)

@@ -35,9 +35,9 @@ def test_face_floor_scores_raw_pixels_and_the_pairs_protocol(tmp_path):
     dm.setup("test")
     floor = real_data.floor("face", dm)
     test = dm.dataset("test")
-    assert {"test/precision_at_1", "test/r_precision", "test/verif_acc"} <= set(floor)
+    assert {"test/rank1", "test/r_precision", "test/verif_acc"} <= set(floor)
     # The demo's identities are distinct patterns: raw pixels already find and verify them well above chance.
-    assert floor["test/precision_at_1"] > 1 / len(set(test.labels)) and floor["test/verif_acc"] > 0.6
+    assert floor["test/rank1"] > 1 / len(set(test.labels)) and floor["test/verif_acc"] > 0.6
     same = np.mean([p.same for p in dm.pairs])
     assert floor["verification, always the majority answer"] == pytest.approx(max(same, 1 - same))
 
@@ -95,7 +95,7 @@ def test_palm_floor_is_the_loss_of_a_zero_output(palm_data):
 
     dm, images = palm_data
     floor = real_data.palm_floor(dm)
-    diffusion = PalmDiffusion(config=dm.cfg).diffusion
+    diffusion = PalmDiffusion(config=dm.cfg).net
     total = 0.0
     for b, (x, _) in enumerate(dm.test_dataloader()):  # fixed_loss's draws, the pred_v target, the SNR weights
         g = torch.Generator().manual_seed(dm.cfg.seed * 100_003 + b)
@@ -112,7 +112,7 @@ def test_best_constant_is_the_weighted_mean_target(palm_data):
 
     dm, images = palm_data
     module = PalmDiffusion(config=dm.cfg)
-    diffusion = module.diffusion
+    diffusion = module.net
     batches, seeds = dm.loader("train", train=False), [11, 12, 13]
     best = real_data.best_constant(module, diffusion, batches, seeds)
     weights, targets = [], []

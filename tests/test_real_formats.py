@@ -99,13 +99,13 @@ def test_one_fold_without_dev_train_cross_validates_inside_the_file():
 def test_face_evaluate_scores_the_test_identities_by_default(tmp_path, capsys):
     from datamodules.splits import seeded_split
     from models.face.module import FaceEmbedder
-    from models.face.verbs import face_commands
+    from models.face.verbs import COMMANDS
 
     names = [f"P_{i}" for i in range(10)]
     write_people(tmp_path, {n: 3 for n in names})
     cfg = FaceConfig.from_presets("micro").replace(split=(0.6, 0.2, 0.2), seed=3)
     model = FaceEmbedder(cfg)
-    evaluate = face_commands()[1]
+    evaluate = next(c for c in COMMANDS if c.name == "evaluate")
     out = tmp_path.parent / f"{tmp_path.name}-eval" / "face.json"
     args = argparse.Namespace(folder=str(tmp_path), split="test", all=False, min_images=2, pairs=None,
                               batch_size=16, json=True, out=str(out))
@@ -223,7 +223,7 @@ def test_init_from_a_demansia2_checkpoint(tmp_path):
     report = init_from_checkpoint(net, path)
     assert "initialised" in report
     for k, v in net.state_dict().items():
-        if ("model." + k) in source.state_dict():
-            assert torch.equal(v, source.state_dict()["model." + k]), k
+        if ("net." + k) in source.state_dict():
+            assert torch.equal(v, source.state_dict()["net." + k]), k
     with pytest.raises(ZooError, match="no tensor of that 'demansia2' checkpoint fits"):
         init_from_checkpoint(timm.create_model("resnet10t", num_classes=0), path)

@@ -124,4 +124,4 @@ def test_training_step_with_token_labels(tmp_path):
     loss = model.training_step(batch, 0)
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
-    assert model.model.aux_head.weight.grad.abs().sum() > 0
+    assert model.net.aux_head.weight.grad.abs().sum() > 0

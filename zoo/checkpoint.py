@@ -175,7 +175,7 @@ def find_last(model: str, root: Path) -> Path:
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "", expected_task: str | None = None):
     """The task's LightningModule built from a checkpoint dict (as `read_checkpoint` returns), weights loaded, on the
     CPU, in eval mode. Equivalent to `Task.load_from_checkpoint` without reading the file a second time."""
-    from model_config import get_entry
+    from zoo.registry import get_entry
 
     task = checkpoint_task(ckpt, path)
     if expected_task and task != expected_task:

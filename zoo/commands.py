@@ -1,4 +1,8 @@
-"""Task commands for `predict.py`: each task's LightningModule lists its verbs (classify, compare, export, ...)."""
+"""Task commands for `predict.py`: each task's LightningModule lists its verbs (classify, compare, export, ...).
+
+A task declares its verbs once, as `COMMANDS: list[Command]` at the end of its `verbs.py`, which its module's
+`predict_commands()` returns; docs/conventions.md lists the verb names shared by the tasks.
+"""
 from __future__ import annotations
 
 import argparse

@@ -6,7 +6,8 @@ from typing import Any, ClassVar
 
 import lightning as L
 
-from model_config import BaseConfig
+from zoo.config import BaseConfig
+from zoo.config_renames import upgrade, upgrade_state
 from zoo.errors import ZooError
 from zoo.optim import build_optimizer, build_scheduler
 
@@ -14,7 +15,7 @@ from zoo.optim import build_optimizer, build_scheduler
 class ZooModule(L.LightningModule):
     """Base LightningModule of the zoo.
 
-    A task sets `TASK` (its registry name) and `CONFIG` (its dataclass in model_config.py) and builds its network in
+    A task sets `TASK` (its registry name) and `CONFIG` (its `zoo.config.BaseConfig` dataclass) and builds its network in
     `__init__` from `self.cfg`. The whole config is saved as hyper-parameters, so
     `Task.load_from_checkpoint(path)` rebuilds the model with no other argument, on any device. Loading a checkpoint
     of another task raises a `ZooError` that names both.
@@ -40,11 +41,19 @@ class ZooModule(L.LightningModule):
         elif config is None:
             cfg = self.CONFIG.from_presets(None)
         else:
-            cfg = self.CONFIG.from_dict(config, strict=False)
-        if overrides:
-            cfg = self.CONFIG.from_dict({**cfg.to_dict(), **overrides})
+            cfg = self.CONFIG.from_dict(config, strict=False, where=f"{self.TASK} checkpoint config")
+        if overrides:  # old field names among them are mapped first, so they replace the config's value
+            cfg = self.CONFIG.from_dict({**cfg.to_dict(), **upgrade(self.CONFIG, overrides, type(self).__name__)})
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.to_dict(), "task": self.TASK})
+
+    # ----- checkpoints -----
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Weights saved under an attribute's old name (`zoo.config_renames.STATE_RENAMES`: the network is `net`, the
+        loss `criterion` in every task) load under the new one. A task that overrides this calls it first."""
+        for key in ("state_dict", "current_model_state"):  # the latter: the raw weights beside an EMA (callbacks.ema)
+            if isinstance(checkpoint.get(key), dict):
+                upgrade_state(self.TASK, checkpoint[key])
 
     # ----- optimisation -----
     def configure_optimizers(self):
@@ -99,7 +108,8 @@ class ZooModule(L.LightningModule):
 
     # ----- inference -----
     def predict_commands(self) -> list:
-        """The task's own `predict.py` verbs (`zoo.commands.Command`); none by default."""
+        """The task's own `predict.py` verbs (`zoo.commands.Command`); none by default. Every task declares them one
+        way: `COMMANDS: list[Command]` at the end of its verbs.py, returned here (imported when asked for)."""
         return []
 
     def commands(self) -> list:

@@ -1,8 +1,9 @@
 """The model registry: name -> (LightningModule, LightningDataModule, config), imported lazily.
 
-Torch-free on purpose (`train.py --list` / `--help` stay fast). Each task registers itself once, beside its config
-dataclass at the bottom of `model_config.py`; tests and the CLI iterate `REGISTRY`, so a model registered there is
-trained, checkpointed and reloaded by the suite the moment it exists.
+Torch-free on purpose (`train.py --list` / `--help` stay fast). The framework holds the table; the application fills
+it: each task registers itself once, beside its config dataclass (in this project at the bottom of `model_config.py`,
+which the entry points `train.py` and `predict.py` import). Tests and the CLI iterate `REGISTRY`, so a model
+registered there is trained, checkpointed and reloaded by the suite the moment it exists.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from zoo.errors import ZooError, unknown
 
 if TYPE_CHECKING:
-    from model_config import BaseConfig
+    from zoo.config import BaseConfig
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,10 @@ def register(entry: ModelEntry) -> ModelEntry:
 
 
 def get_entry(name: str) -> ModelEntry:
-    import model_config  # noqa: F401 - the registrations live beside the configs
-
+    """The registered model `name`; a ZooError listing the registered ones otherwise."""
+    if not REGISTRY:
+        raise ZooError(f"No model is registered, so '{name}' cannot be found: import the application's registrations "
+                       f"first (`import model_config`; train.py and predict.py do).")
     if name not in REGISTRY:
         raise unknown("model", name, REGISTRY, fix="Run `python train.py --list` to see them with one line each.")
     return REGISTRY[name]

@@ -31,10 +31,10 @@ class AgeGender(ZooModule):
         super().__init__(config, task, **overrides)
         cfg = self.cfg
         # Pretrained weights are loaded in `setup("fit")`, not here: a checkpoint must open without the weight cache.
-        self.backbone = create_backbone(cfg.backbone, pretrained=False)
-        features = self.backbone.num_features
-        self.age_head = mlp_head(features, cfg.head_hidden, cfg.dropout)
-        self.gender_head = mlp_head(features, cfg.head_hidden, cfg.dropout)
+        self.net = create_backbone(cfg.backbone, pretrained=False)
+        features = self.net.num_features
+        self.age_head = mlp_head(features, cfg.head_hidden, cfg.head_dropout)
+        self.gender_head = mlp_head(features, cfg.head_hidden, cfg.head_dropout)
         with torch.no_grad():  # start at a typical age (~30) rather than max_age / 2
             self.age_head[-1].bias.fill_(math.log(30.0 / (cfg.max_age - 30.0)))
         self.criterion = AgeGenderLoss(cfg.age_loss, cfg.age_weight, cfg.gender_weight, cfg.max_age, cfg.age_beta)
@@ -43,7 +43,7 @@ class AgeGender(ZooModule):
         self.test_metrics = AgeGenderMetrics(cfg.max_age)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.backbone(images)
+        features = self.net(images)
         # float32 outputs under bf16 autocast: bf16 would round ages to ~0.25 years
         age = torch.sigmoid(self.age_head(features).squeeze(-1).float()) * self.cfg.max_age
         return age, self.gender_head(features).squeeze(-1).float()
@@ -58,11 +58,11 @@ class AgeGender(ZooModule):
     def setup(self, stage: str) -> None:
         resuming = self._trainer is not None and self._trainer.ckpt_path
         if stage == "fit" and self.cfg.pretrained and not resuming:
-            self.backbone.load_state_dict(create_backbone(self.cfg.backbone, pretrained=True).state_dict())
+            self.net.load_state_dict(create_backbone(self.cfg.backbone, pretrained=True).state_dict())
         if stage == "fit" and getattr(self.cfg, "init_from", None) and not resuming:
             from models.backbones import init_from_checkpoint
 
-            print(f"[agegender] {init_from_checkpoint(self.backbone, self.cfg.init_from)}")
+            print(f"[agegender] {init_from_checkpoint(self.net, self.cfg.init_from)}")
 
     def _step(self, batch: dict[str, torch.Tensor], split: str, metrics: AgeGenderMetrics) -> torch.Tensor:
         age, logit = self(batch["image"])
@@ -106,6 +106,6 @@ class AgeGender(ZooModule):
 
     # ----- inference -----
     def predict_commands(self) -> list:
-        from models.agegender.verbs import export, predict
+        from models.agegender.verbs import COMMANDS
 
-        return [predict, export]
+        return list(COMMANDS)

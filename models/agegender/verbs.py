@@ -90,6 +90,8 @@ def export_spec(model, args: argparse.Namespace) -> ExportSpec:
                                 "outputs": "age (B,) years; p_female (B,) probability of female"})
 
 
-predict = Command("predict", "age (years) and gender with its probability for each image", _predict_arguments,
-                  _predict, aliases=("classify",))
-export = export_command(export_spec, help_extra=" (outputs: age in years, p_female)")
+COMMANDS: list[Command] = [
+    Command("predict", "age (years) and gender with its probability for each image", _predict_arguments, _predict,
+            aliases=("classify",)),
+    export_command(export_spec, help_extra=" (outputs: age in years, p_female)"),
+]

@@ -99,7 +99,7 @@ def convert(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
     cfg = config_from_released(ckpt.get("hyper_parameters") or {})
     cfg = cfg.replace(class_names=imagenet_class_names(cfg.num_classes))
     with torch.device("meta"):
-        expected = DeMansia2(config=cfg).model.state_dict()
+        expected = DeMansia2(config=cfg).net.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -112,7 +112,7 @@ def convert(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
     import lightning
 
     out = {
-        "state_dict": {f"model.{k}": v.detach().clone().contiguous() for k, v in state.items()},
+        "state_dict": {f"net.{k}": v.detach().clone().contiguous() for k, v in state.items()},
         "hyper_parameters": {"config": cfg.to_dict(), "task": DeMansia2.TASK},
         "pytorch-lightning_version": lightning.__version__,
         "epoch": int(ckpt.get("epoch", 0) or 0),

@@ -20,9 +20,9 @@ from zoo.module import ZooModule
 
 
 def build_network(cfg: DeMansia2Config) -> nn.Module:
-    """DeMansia2Net for `backbone=demansia2`; any other timm name gives that timm model with a `num_classes` head
+    """DeMansia2Net for `backbone=own`; any other timm name gives that timm model with a `num_classes` head
     (e.g. `--set backbone=resnet18`, for a baseline through the same data, schedule and metrics)."""
-    if cfg.backbone in ("demansia2", "", None):
+    if cfg.backbone in ("own", "", None):
         return DeMansia2Net(**net_kwargs(cfg))
     from models.backbones import check_backbone_name
 
@@ -59,7 +59,7 @@ class DeMansia2(ZooModule):
                  **overrides: Any):
         super().__init__(config, task, **overrides)
         cfg = self.cfg
-        self.model = build_network(cfg)
+        self.net = build_network(cfg)
         self.criterion = TokenLabelingLoss(cfg.cls_label_weight, cfg.token_label_weight)
         k = max(cfg.num_classes, 1)
         self.metrics = nn.ModuleDict({
@@ -69,23 +69,23 @@ class DeMansia2(ZooModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W), normalised with ImageNet mean/std -> logits (B, num_classes)."""
-        return self.model(x)
+        return self.net(x)
 
     # ----- training -----
     @property
     def is_demansia(self) -> bool:
         """False when `cfg.backbone` swapped the network for a timm model (trained with plain label-smoothed CE)."""
-        return isinstance(self.model, DeMansia2Net)
+        return isinstance(self.net, DeMansia2Net)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         cfg, x, labels = self.cfg, batch["image"], batch["label"]
         if not self.is_demansia:
-            loss = F.cross_entropy(self.model(x).float(), labels, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(self.net(x).float(), labels, label_smoothing=cfg.label_smoothing)
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
             return loss
-        grid = self.model.token_grid(x)
+        grid = self.net.token_grid(x)
         box, lam = mix_box(grid) if cfg.mix_token else (None, 1.0)
-        cls_logits, token_logits = self.model.forward_train(x, box)
+        cls_logits, token_logits = self.net.forward_train(x, box)
         if "label_map" in batch:
             cls_target, token_target = token_label_targets(batch["label_map"], batch["box"], batch["flip"],
                                                            cfg.num_classes, grid, cfg.label_smoothing,
@@ -111,7 +111,7 @@ class DeMansia2(ZooModule):
         x, labels = batch["image"], batch["label"]
         ema = self._ema_callback()
         raw = ema.raw_module() if ema is not None else None
-        runs = [("", self.model)] + ([("_raw", raw.model)] if raw is not None else [])
+        runs = [("", self.net)] + ([("_raw", raw.net)] if raw is not None else [])
         for suffix, net in runs:
             was_training = net.training
             net.eval()  # the raw copy is not switched to eval mode by the Trainer
@@ -141,7 +141,7 @@ class DeMansia2(ZooModule):
         return eval_transform(self.cfg.image_size, self.cfg.crop_pct)
 
     def predict_commands(self) -> list:
-        from models.demansia2.verbs import classify_command, token_labels_command
+        from models.demansia2.verbs import COMMANDS
 
-        return [classify_command(), token_labels_command()]
+        return list(COMMANDS)
 

@@ -57,11 +57,6 @@ def _run(model, args: argparse.Namespace) -> int:
     return report_failed(failed, len(paths))
 
 
-def classify_command() -> Command:
-    return Command(name="classify", help="top-k classes with probabilities for image files or folders",
-                   add_arguments=_add_arguments, run=_run)
-
-
 def _add_token_label_arguments(parser: argparse.ArgumentParser) -> None:
     from models.demansia2.token_labels import add_arguments
 
@@ -76,7 +71,9 @@ def _run_token_labels(model, args: argparse.Namespace) -> int:
     return 1 if result["failed"] else 0
 
 
-def token_labels_command() -> Command:
-    return Command(name="token-labels", help="LV-ViT token labels for an ImageFolder set, this model as the teacher "
-                   "(<out>/<class>/<stem>.pt, for --set token_label_dir)",
-                   add_arguments=_add_token_label_arguments, run=_run_token_labels)
+COMMANDS: list[Command] = [
+    Command("classify", "top-k classes with probabilities for image files or folders", _add_arguments, _run,
+            aliases=("predict",)),
+    Command("token-labels", "LV-ViT token labels for an ImageFolder set, this model as the teacher "
+            "(<out>/<class>/<stem>.pt, for --set token_label_dir)", _add_token_label_arguments, _run_token_labels),
+]

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from zoo.verification import VerificationResult, kfold_verification, pair_scores
 
-RETRIEVAL_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+RETRIEVAL_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")  # pytorch-metric-learning's
+NAMES = {"precision_at_1": "rank1"}  # the zoo's name where it has one (docs/conventions.md: the same in every task)
 
 
 def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
@@ -16,7 +17,8 @@ def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
     excluded), k = the largest class size, as upstream FaceRegSMM reports them. Identities with a single image have
     no relevant reference and are left out of the averages.
 
-    embeddings: (N, D) L2-normalised; labels: (N,) int identity. Returns {name: value in [0, 1]}.
+    embeddings: (N, D) L2-normalised; labels: (N,) int identity. Returns {name: value in [0, 1]}: rank1 (precision@1,
+    the nearest other image is the same identity), r_precision, mean_average_precision_at_r.
     """
     from pytorch_metric_learning.distances import CosineSimilarity
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -28,9 +30,9 @@ def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
     emb = embeddings.detach().float().cpu()
     lab = labels.detach().long().cpu()
     if len(torch.unique(lab)) < 2 or torch.bincount(lab - lab.min()).max() < 2:
-        return {k: float("nan") for k in RETRIEVAL_METRICS}
+        return {NAMES.get(k, k): float("nan") for k in RETRIEVAL_METRICS}
     out = calc.get_accuracy(emb, lab, ref_includes_query=True)
-    return {k: float(out[k]) for k in RETRIEVAL_METRICS}
+    return {NAMES.get(k, k): float(out[k]) for k in RETRIEVAL_METRICS}
 
 
 def pairs_scored(embeddings: Tensor, images: list, pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

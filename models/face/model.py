@@ -99,13 +99,13 @@ class MambaFaceEncoder(nn.Module):
 class FaceEmbeddingNet(nn.Module):
     """Image (B, 3, S, S) in [-1, 1] -> embedding (B, embedding_dim), unit L2 norm (cosine similarity = dot product).
 
-    The encoder is `MambaFaceEncoder` (cfg.backbone == "mamba") or any timm model from `models.backbones`
+    The encoder is `MambaFaceEncoder` (cfg.backbone == "own") or any timm model from `models.backbones`
     (pooled features); the head is one Linear layer.
     """
 
     def __init__(self, cfg: FaceConfig):
         super().__init__()
-        if cfg.backbone == "mamba":
+        if cfg.backbone == "own":
             self.encoder = MambaFaceEncoder(cfg)
         else:
             from models.backbones import create_backbone

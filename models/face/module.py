@@ -49,15 +49,16 @@ def all_gather_stacked(t: Tensor) -> Tensor:
 class FaceEmbedder(Embedder, ZooModule):
     """Face-embedding LightningModule (task "face"): `model(images (B, 3, S, S)) -> (B, D)` unit embeddings.
 
-    Training: `cfg.loss` (triplet with a `cfg.miner`, ArcFace or CosFace; the loss is a submodule, so ArcFace /
+    Training: `cfg.metric_loss` (triplet with a `cfg.miner`, ArcFace or CosFace; the loss is a submodule, so ArcFace /
     CosFace class weights are optimised too) on P x K batches. Two-stage schedule (upstream: "all" then "hard"
     triplets): with `cfg.stage2_miner` set and `cfg.stage2_epoch` > 0, at that epoch the miner is switched and a
     fresh optimiser and warm-up + cosine schedule over the remaining epochs are created; the current stage is a buffer,
     so a resumed run continues in the right stage. As published: `cfg.stage2_from_best` restarts stage 2 from the best
-    stage-1 checkpoint (by `cfg.monitor`), and `cfg.early_stop_patience` ends a stage after that many validations
+    stage-1 checkpoint (by `cfg.monitor`), and `cfg.early_stopping_patience` ends a stage after that many validations
     without a better monitor value (stage 1 then hands over to stage 2, which gets its full length).
 
-    Validation (dataloader 0 = the val split): precision@1 (upstream's "Recall@1"), R-Precision and MAP@R; the
+    Validation (dataloader 0 = the val split): rank-1 (`val/rank1`, precision@1: upstream's "Recall@1"), R-Precision
+    and MAP@R; the
     same/different cosine threshold calibrated on all val pairs (best balanced accuracy) is stored in the `threshold`
     buffer and so in every checkpoint. Dataloader 1, when the data has a pairs.txt: LFW k-fold verification accuracy
     and ROC AUC (val/verif_acc, val/verif_auc).
@@ -70,7 +71,8 @@ class FaceEmbedder(Embedder, ZooModule):
         super().__init__(config, task, **overrides)
         cfg = self.cfg
         self.net = FaceEmbeddingNet(cfg)
-        self.loss_fn = MetricLoss(cfg.loss, cfg.embedding_dim, cfg.num_classes, cfg.margin, cfg.scale, cfg.miner)
+        self.criterion = MetricLoss(cfg.metric_loss, cfg.embedding_dim, cfg.num_identities, cfg.margin, cfg.scale,
+                                    cfg.miner)
         self.register_buffer("threshold", torch.tensor(0.5))  # cosine similarity; upstream's fixed value until calibrated
         self.register_buffer("stage", torch.tensor(1))
         self.register_buffer("stage_start_step", torch.tensor(0))
@@ -102,10 +104,10 @@ class FaceEmbedder(Embedder, ZooModule):
 
     def on_fit_start(self) -> None:
         if int(self.stage) == 2:  # resumed in stage 2
-            self.loss_fn.set_miner(self.cfg.stage2_miner)
+            self.criterion.set_miner(self.cfg.stage2_miner)
 
     def _stage_stopped_early(self) -> bool:
-        p = self.cfg.early_stop_patience
+        p = self.cfg.early_stopping_patience
         return p > 0 and int(self.bad_epochs) >= p
 
     def on_train_epoch_start(self) -> None:
@@ -119,7 +121,7 @@ class FaceEmbedder(Embedder, ZooModule):
             self.stage_start_epoch.fill_(self.current_epoch)
             self.has_best.fill_(False)
             self.bad_epochs.zero_()
-            self.loss_fn.set_miner(self.cfg.stage2_miner)
+            self.criterion.set_miner(self.cfg.stage2_miner)
             self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers for stage 2
             print(f"[face] epoch {self.current_epoch}: stage 2 ({why}; miner '{self.cfg.stage2_miner}', "
                   f"fresh optimiser{', best stage-1 weights' if self.cfg.stage2_from_best else ''})")
@@ -138,7 +140,7 @@ class FaceEmbedder(Embedder, ZooModule):
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        loss = self.loss_fn(self(images), labels)
+        loss = self.criterion(self(images), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
 
@@ -172,7 +174,7 @@ class FaceEmbedder(Embedder, ZooModule):
 
     def _early_stopping(self, value: float | None) -> None:
         """Per-stage patience on `cfg.monitor`; the last stage ends the run, stage 1 hands over to stage 2."""
-        if self.cfg.early_stop_patience <= 0 or value is None:
+        if self.cfg.early_stopping_patience <= 0 or value is None:
             return
         value = float(value)
         better = (value > float(self.best_score)) if self.cfg.monitor_mode == "max" else (value < float(self.best_score))
@@ -189,14 +191,14 @@ class FaceEmbedder(Embedder, ZooModule):
                 self.trainer.should_stop = True
         if last_stage and self._stage_stopped_early():
             print(f"[face] early stopping at epoch {self.current_epoch}: {self.cfg.monitor} did not improve on "
-                  f"{float(self.best_score):.4f} for {self.cfg.early_stop_patience} validations")
+                  f"{float(self.best_score):.4f} for {self.cfg.early_stopping_patience} validations")
             self.trainer.should_stop = True
 
     def on_test_epoch_end(self) -> None:
         self._evaluate("test", calibrate=False)
 
     def _evaluate(self, prefix: str, calibrate: bool) -> dict[str, float]:
-        """Logs and returns the split's metrics ({"val/precision_at_1": ...}). Under DDP they come from the rows of
+        """Logs and returns the split's metrics ({"val/rank1": ...}). Under DDP they come from the rows of
         every rank, so every rank logs the same value; `sync_dist=True` (Lightning's ask for epoch-level logs in a
         distributed run) averages equal values."""
         logged: dict[str, float] = {}
@@ -206,7 +208,7 @@ class FaceEmbedder(Embedder, ZooModule):
             labels = torch.cat([y for _, y in outputs[0]])
             emb, labels = self._gather(emb, labels)
             for name, value in retrieval_metrics(emb, labels).items():
-                self.log(f"{prefix}/{name}", value, prog_bar=name == "precision_at_1", sync_dist=True)
+                self.log(f"{prefix}/{name}", value, prog_bar=name == "rank1", sync_dist=True)
                 logged[f"{prefix}/{name}"] = float(value)
             thr, acc = calibrate_threshold(emb, labels)
             if np.isfinite(thr):
@@ -238,6 +240,7 @@ class FaceEmbedder(Embedder, ZooModule):
 
     # ----- checkpoints -----
     def on_load_checkpoint(self, checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
         # Checkpoints saved before a buffer existed still open (with its default value).
         state = checkpoint.get("state_dict", {})
         for name in ("threshold", "stage", "stage_start_step", "stage_start_epoch", "best_score", "has_best", "bad_epochs"):
@@ -253,7 +256,7 @@ class FaceEmbedder(Embedder, ZooModule):
         return []
 
     def predict_commands(self) -> list:
-        from models.face.verbs import face_commands
+        from models.face.verbs import COMMANDS
 
-        return face_commands()
+        return list(COMMANDS)
 

@@ -11,7 +11,7 @@ from zoo.commands import Command
 from zoo.errors import ZooError
 from zoo.images import drop_bad_images, load_rgb
 
-NAMES = {"precision_at_1": "Recall@1 (precision@1)", "r_precision": "R-Precision", "mean_average_precision_at_r": "MAP@R"}
+NAMES = {"rank1": "Rank-1 (Recall@1)", "r_precision": "R-Precision", "mean_average_precision_at_r": "MAP@R"}
 
 
 def embed_items(model, paths: list, batch_size: int = 64, with_thumbnails: bool = False):
@@ -196,15 +196,14 @@ def _visualize(model, args) -> int:
     return 1 if bad else 0
 
 
-def face_commands() -> list[Command]:
-    return [
-        Command("compare", "two images -> cosine similarity and same/different at the calibrated threshold",
-                _compare_args, _compare, aliases=("predict",)),
-        Command("evaluate", "retrieval metrics (Recall@1, R-Precision, MAP@R) on a folder of identities, and the "
-                "k-fold verification table with --pairs", _evaluate_args, _evaluate),
-        Command("visualize", "2-D map (t-SNE / PCA) of a folder's embeddings as an interactive HTML page with "
-                "thumbnails, logged to W&B when a run is active", _visualize_args, _visualize),
-    ]
+COMMANDS: list[Command] = [
+    Command("compare", "two images -> cosine similarity and same/different at the calibrated threshold",
+            _compare_args, _compare, aliases=("predict",)),
+    Command("evaluate", "retrieval metrics (rank-1, R-Precision, MAP@R) on a folder of identities, and the k-fold "
+            "verification table with --pairs", _evaluate_args, _evaluate),
+    Command("visualize", "2-D map (t-SNE / PCA) of a folder's embeddings as an interactive HTML page with "
+            "thumbnails, logged to W&B when a run is active", _visualize_args, _visualize),
+]
 
 
 

@@ -295,7 +295,7 @@ class HandNet(nn.Module):
     head="published": sigmoid on the last stage (S/32 x S/32 x 8C, channels last) flattened into three `MLPHead`s;
     the embedding is that flattened vector, L2-normalised.
 
-    backbone="vmamba": `encoder` is `VMambaV0` of size cfg.encoder; any other name: `encoder` is that timm model's
+    backbone="own": `encoder` is `VMambaV0` of size cfg.encoder; any other name: `encoder` is that timm model's
     four levels (`timm_encoder`, random weights; `HandBiometrics` loads `pretrained` ones) and `adapter` projects them
     to the same dims (C = the VMamba size's embed_dim).
     """
@@ -303,7 +303,7 @@ class HandNet(nn.Module):
     def __init__(self, cfg: Any):
         super().__init__()
         spec = ENCODERS[cfg.encoder]
-        if cfg.backbone == "vmamba":
+        if cfg.backbone == "own":
             self.encoder = VMambaV0(spec["embed_dim"], spec["depths"], spec["d_state"], cfg.drop_path)
             dims = self.encoder.dims
             self.adapter = None

@@ -13,6 +13,7 @@ from model_config import HandConfig
 from models.hand.metrics import protocol_tables
 from models.hand.model import HandNet, load_vmamba_v0, timm_encoder
 from zoo.embedding import Embedder
+from zoo.config_checks import config_error
 from zoo.module import ZooModule
 from zoo.verification import calibrate_threshold
 
@@ -36,8 +37,12 @@ class HandBiometrics(Embedder, ZooModule):
     def __init__(self, config=None, task=None, **overrides):
         super().__init__(config, task, **overrides)
         cfg = self.cfg
-        self.net = HandNet(cfg)
-        self.metric_loss = (MetricLoss(cfg.metric_loss, cfg.embedding_dim, cfg.num_identities, cfg.margin, cfg.scale,
+        try:
+            self.net = HandNet(cfg)
+        except ValueError as e:  # a timm backbone without the U-Net's scales (`timm_feature_levels`)
+            raise config_error(cfg, "backbone", f"must be own or a timm model with feature levels at reductions 4, "
+                                                f"8, 16 and 32 (the U-Net's scales): {e}") from None
+        self.criterion = (MetricLoss(cfg.metric_loss, cfg.embedding_dim, cfg.num_identities, cfg.margin, cfg.scale,
                                        "all") if cfg.metric_weight > 0 and cfg.head != "published" else None)
         self.register_buffer("threshold", torch.tensor(0.5))
         if cfg.freeze_encoder_epochs < 0:
@@ -64,8 +69,8 @@ class HandBiometrics(Embedder, ZooModule):
             parts["identity"] = cfg.identity_weight * ce(out["identity"], batch["identity"])
         parts["gender"] = cfg.gender_weight * ce(out["gender"], batch["gender"])
         parts["age"] = cfg.age_weight * ce(out["age"], batch["age"])
-        if self.metric_loss is not None and known.sum() > 1:
-            parts["metric"] = cfg.metric_weight * self.metric_loss(out["embedding"][known], batch["identity"][known])
+        if self.criterion is not None and known.sum() > 1:
+            parts["metric"] = cfg.metric_weight * self.criterion(out["embedding"][known], batch["identity"][known])
         if "silhouette" in out and cfg.silhouette_weight > 0:
             parts["silhouette"] = cfg.silhouette_weight * F.binary_cross_entropy_with_logits(
                 out["silhouette"].float(), batch["mask"].float())
@@ -150,9 +155,10 @@ class HandBiometrics(Embedder, ZooModule):
         return []
 
     def on_load_checkpoint(self, checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
         checkpoint.get("state_dict", {}).setdefault("threshold", self.threshold.clone())
 
     def predict_commands(self) -> list:
-        from models.hand.verbs import hand_commands
+        from models.hand.verbs import COMMANDS
 
-        return hand_commands()
+        return list(COMMANDS)

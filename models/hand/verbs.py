@@ -211,11 +211,10 @@ def _evaluate(model, args) -> int:
     return 0
 
 
-def hand_commands() -> list[Command]:
-    return [
-        Command("identify", "closed-set identity (top-k), gender and age group; with --gallery the nearest enrolled "
-                "person or 'unknown'", _identify_args, _identify, aliases=("predict",)),
-        Command("enroll", "add a person's images to a gallery file (safetensors)", _enroll_args, _enroll),
-        Command("evaluate", "the protocol's tables (overall and per aspect) on an 11k Hands folder", _evaluate_args,
-                _evaluate),
-    ]
+COMMANDS: list[Command] = [
+    Command("identify", "closed-set identity (top-k), gender and age group; with --gallery the nearest enrolled "
+            "person or 'unknown'", _identify_args, _identify, aliases=("predict",)),
+    Command("enroll", "add a person's images to a gallery file (safetensors)", _enroll_args, _enroll),
+    Command("evaluate", "the protocol's tables (overall and per aspect) on an 11k Hands folder", _evaluate_args,
+            _evaluate),
+]

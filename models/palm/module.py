@@ -34,14 +34,14 @@ class PalmDiffusion(ZooModule):
         from ema_pytorch import EMA
 
         cfg = self.cfg
-        self.diffusion = build_diffusion(cfg)
-        self.ema = EMA(self.diffusion, beta=cfg.ema_decay, update_every=cfg.ema_update_every,
+        self.net = build_diffusion(cfg)
+        self.ema = EMA(self.net, beta=cfg.ema_decay, update_every=cfg.ema_update_every,
                        update_after_step=cfg.ema_update_after_step, include_online_model=False)
 
     # ----- the EMA -----
     def parameter_count(self) -> int:
         """The denoiser's parameters, without the EMA copy."""
-        return sum(p.numel() for p in self.diffusion.parameters())
+        return sum(p.numel() for p in self.net.parameters())
 
     @property
     def has_ema(self) -> bool:
@@ -59,7 +59,7 @@ class PalmDiffusion(ZooModule):
 
     def sampling_diffusion(self, raw: bool = False):
         """The diffusion to sample from: the EMA copy, or with `raw` the training weights."""
-        return self.diffusion if raw else self.ema_diffusion
+        return self.net if raw else self.ema_diffusion
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # One EMA call per optimizer step (not per micro-batch under gradient accumulation), as the library's trainer.
@@ -71,7 +71,7 @@ class PalmDiffusion(ZooModule):
     # ----- training -----
     def forward(self, images: Tensor) -> Tensor:
         """The diffusion loss of a batch (B, 3, S, S) in [0, 1] at random timesteps (raw weights)."""
-        return self.diffusion(images)
+        return self.net(images)
 
     def on_fit_start(self) -> None:
         if self.cfg.max_steps > 0 and self.trainer.max_steps in (-1, None):
@@ -79,7 +79,7 @@ class PalmDiffusion(ZooModule):
 
     def training_step(self, batch, batch_idx):
         images, _ = batch
-        loss = self.diffusion(images)
+        loss = self.net(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         return loss
 
@@ -96,9 +96,9 @@ class PalmDiffusion(ZooModule):
         if self.has_ema:
             self.log("val/loss", self.fixed_loss(self.ema.ema_model, images, seed), prog_bar=True,
                      batch_size=len(images))
-            self.log("val/loss_raw", self.fixed_loss(self.diffusion, images, seed), batch_size=len(images))
+            self.log("val/loss_raw", self.fixed_loss(self.net, images, seed), batch_size=len(images))
         else:  # sanity check before the first step
-            self.log("val/loss", self.fixed_loss(self.diffusion, images, seed), prog_bar=True, batch_size=len(images))
+            self.log("val/loss", self.fixed_loss(self.net, images, seed), prog_bar=True, batch_size=len(images))
 
     def test_step(self, batch, batch_idx):
         images, _ = batch
@@ -134,13 +134,14 @@ class PalmDiffusion(ZooModule):
 
     # ----- checkpoints, callbacks, verbs -----
     def on_load_checkpoint(self, checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
         # A checkpoint without EMA weights still opens (raw weights in the EMA slot, marked uninitialised), so the
         # verbs can say what is missing instead of failing to load.
         state = checkpoint.get("state_dict", {})
         if not any(k.startswith(EMA_PREFIX) for k in state):
             for k, v in list(state.items()):
-                if k.startswith("diffusion."):
-                    state[EMA_PREFIX + k[len("diffusion."):]] = v.clone()
+                if k.startswith("net."):
+                    state[EMA_PREFIX + k[len("net."):]] = v.clone()
             state["ema.initted"] = torch.tensor(False)
             state["ema.step"] = torch.tensor(0)
 
@@ -154,6 +155,6 @@ class PalmDiffusion(ZooModule):
                                    n_samples=cfg.grid_samples)]
 
     def predict_commands(self) -> list:
-        from models.palm.verbs import palm_commands
+        from models.palm.verbs import COMMANDS
 
-        return palm_commands()
+        return list(COMMANDS)

@@ -1,4 +1,4 @@
-"""`predict.py` verbs of the palm task: generate, evaluate-identity, quality (FID / KID)."""
+"""`predict.py` verbs of the palm task: generate, evaluate (identity consistency), quality (FID / KID)."""
 from __future__ import annotations
 
 import argparse
@@ -281,7 +281,7 @@ def _generate(model, args) -> int:
     return 0
 
 
-# ----- evaluate-identity -----
+# ----- evaluate: identity consistency of a generated set -----
 def load_recognizer(path: str | Path, device: str = "cpu"):
     """A zoo embedding checkpoint (a task whose model has `embed`), or a ZooError naming the task it holds."""
     from zoo.checkpoint import checkpoint_task, load_model, read_checkpoint
@@ -417,13 +417,12 @@ def _quality(model, args) -> int:
     return 0
 
 
-def palm_commands() -> list[Command]:
-    return [
-        Command("generate", "M synthetic individuals x N identity-keeping variations -> <out>/<individual>/<k>.png",
-                _generate_args, _generate),
-        Command("evaluate-identity", "verification AUC / EER and rank-1 of same- vs different-individual pairs of a "
-                "folder per person, in a face or hand checkpoint's embedding space", _evaluate_identity_args,
-                _evaluate_identity),
-        Command("quality", "FID and KID (torchmetrics) of generated vs real images, with local Inception weights",
-                _quality_args, _quality),
-    ]
+COMMANDS: list[Command] = [
+    Command("generate", "M synthetic individuals x N identity-keeping variations -> <out>/<individual>/<k>.png",
+            _generate_args, _generate, aliases=("predict",)),
+    Command("evaluate", "verification AUC / EER and rank-1 of same- vs different-individual pairs of a folder per "
+            "person, in a face or hand checkpoint's embedding space", _evaluate_identity_args, _evaluate_identity,
+            aliases=("evaluate-identity",)),
+    Command("quality", "FID and KID (torchmetrics) of generated vs real images, with local Inception weights",
+            _quality_args, _quality),
+]
