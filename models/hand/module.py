@@ -12,8 +12,8 @@ from losses.metric import MetricLoss
 from model_config import HandConfig
 from models.hand.metrics import protocol_tables
 from models.hand.model import HandNet, load_vmamba_v0, timm_encoder
-from zoo.embedding import Embedder
 from zoo.config_checks import config_error
+from zoo.embedding import Embedder
 from zoo.module import ZooModule
 from zoo.verification import calibrate_threshold
 
