@@ -242,18 +242,6 @@ class ImageNetDataModule(ZooDataModule):
         name = Path(teacher).stem if Path(teacher).expanduser().is_file() else teacher.replace("/", "_")
         return Path(os.environ.get("ZOO_CACHE_DIR") or REPO_ROOT / ".zoo_cache") / "token_labels" / f"{name}-{key}"
 
-    def prepare_data(self) -> None:
-        """The demo set, then with `teacher` the token labels that are missing (once, on rank 0; resumable)."""
-        super().prepare_data()
-        teacher = getattr(self.cfg, "teacher", None)
-        if teacher:
-            from models.demansia2.token_labels import load_teacher, make_token_labels
-
-            spec = load_teacher(teacher, pretrained=not Path(teacher).expanduser().is_file())
-            out = self.token_label_root()
-            print(f"token labels: teacher {teacher} -> {out} (made once, then reused)", flush=True)
-            make_token_labels(spec, self.root, out)
-
     def config_overrides(self) -> dict[str, Any]:
         return {"num_classes": len(self.train_index.classes), "class_names": tuple(self.names)}
 

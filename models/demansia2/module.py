@@ -1,6 +1,7 @@
 """`DeMansia2`: the LightningModule of the DeMansia 2 task (token labeling, MixToken, raw + EMA validation, verbs)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
@@ -129,6 +130,20 @@ class DeMansia2(ZooModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def setup(self, stage: str) -> None:
+        """With `teacher`: the token labels missing from the datamodule's label folder are made first (on rank 0,
+        resumable; the cost is printed), before the training loader reads them."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage != "fit" or not getattr(self.cfg, "teacher", None) or not hasattr(dm, "token_label_root"):
+            return
+        if self.trainer.is_global_zero:
+            from models.demansia2.token_labels import load_teacher, make_token_labels
+
+            teacher, out = self.cfg.teacher, dm.token_label_root()
+            print(f"token labels: teacher {teacher} -> {out} (made once, then reused)", flush=True)
+            make_token_labels(load_teacher(teacher, pretrained=not Path(teacher).expanduser().is_file()), dm.root, out)
+        self.trainer.strategy.barrier("token labels")
 
     def configure_callbacks(self) -> list:
         return [EMA(decay=self.cfg.ema_decay, warmup=self.cfg.ema_warmup)] if self.cfg.ema else []
