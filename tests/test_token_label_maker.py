@@ -162,8 +162,9 @@ def test_a_zoo_checkpoint_teacher_and_the_predict_verb(tmp_path):
     import train
 
     data = image_folder(tmp_path / "data", per_class=4, size=32)
-    common = ["--model", "demansia2", "--data-dir", str(data), "--logger", "none", "--progress", "none",
-              "--epochs", "1", "--num-workers", "0", "--set", "batch_size=8", "--set", "image_size=32"]
+    common = ["--model", "demansia2", "--preset", "micro", "--data-dir", str(data), "--logger", "none", "--progress", "none",
+              "--epochs", "1", "--max-steps", "2", "--num-workers", "0", "--set", "batch_size=8",
+              "--set", "image_size=32"]
     out = train.run([*common, "--run-name", "teacher"])
     ckpt = Path(out["trainer"].checkpoint_callback.last_model_path)
     assert predict.main(["--ckpt", str(ckpt), "token-labels", str(data), "--out", str(tmp_path / "labels")]) == 0
