@@ -1,0 +1,297 @@
+"""Parity with upstream's code: each published network built from upstream's own code (fetched, outside the repo) and
+from the zoo, the same weights in both (upstream's init, every tensor nudged off it), the same input, and the max
+relative error of each output. Results and commands: docs/fidelity.md.
+
+    python benchmarks/fidelity.py vmamba_v0 /tmp/fid/vmamba_v0 --size tiny      # VMamba @b2faf50, v0 code
+    python benchmarks/fidelity.py vmamba /tmp/fid/vmamba_head --size small      # VMamba today, vanilla_vmamba_*
+    python benchmarks/fidelity.py sum /tmp/fid/sum                              # SUM's decoder vs UNetDecoder
+    python benchmarks/fidelity.py demansia2 /tmp/fid/demansia2                  # DeMansia 2 Tiny, legacy mixer
+    python benchmarks/fidelity.py face /tmp/fid/face                            # FaceRegSMM RecSSM
+    python benchmarks/fidelity.py agegender /tmp/fid/agegender                  # age/gender heads
+    python benchmarks/fidelity.py palm                                          # denoising-diffusion-pytorch
+    python benchmarks/fidelity.py vmamba_v0 /tmp/fid/vmamba_v0 --record        # the constants of test_vmamba_v0
+
+The upstream path is an export of upstream's repository at the commit in docs/fidelity.md (`git archive`); its code
+runs from there and is never copied into the project. Where upstream needs CUDA kernels the pure-PyTorch path runs
+instead: mamba-ssm's `*_ref` (its CUDA extensions replaced by empty stand-in modules, as tests/conftest.py does) and
+VMamba's `selective_scan_torch`. Error = max |ours - theirs| / max |theirs| over the whole output, float32, CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import types
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def stand_in(*names: str) -> None:
+    """Empty modules for compiled extensions upstream imports at load time (never called on these paths)."""
+    for name in names:
+        sys.modules.setdefault(name, types.ModuleType(name))
+
+
+def mamba_ssm_refs() -> types.SimpleNamespace:
+    """mamba-ssm importable without its CUDA extensions; its modules then take their reference paths."""
+    stand_in("selective_scan_cuda", "causal_conv1d_cuda")
+    import mamba_ssm.modules.mamba2 as m2
+    import mamba_ssm.modules.mamba_simple as m1
+    import mamba_ssm.ops.selective_scan_interface as ssi
+
+    for mod in (m1, m2, ssi):
+        for fn in ("causal_conv1d_fn", "causal_conv1d_update"):
+            if hasattr(mod, fn):
+                setattr(mod, fn, None)
+    return types.SimpleNamespace(m1=m1, m2=m2, ssi=ssi)
+
+
+def load_file(name: str, path: str) -> types.ModuleType:
+    """Import one upstream source file as module `name` (its folder first on sys.path for its own imports)."""
+    sys.path.insert(0, os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def nudge(state: dict[str, Tensor], seed: int = 0, scale: float = 0.1) -> dict[str, Tensor]:
+    """Every float tensor moved off its init: + scale * std (or scale, for constant tensors) * N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point():
+            s = v.float().std().item() if v.numel() > 1 else 0.0
+            s = s if s > 1e-8 else 1.0
+            v = v + scale * s * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        out[k] = v
+    return out
+
+
+def rel_err(ours: Tensor, theirs: Tensor) -> float:
+    ours, theirs = ours.detach().double(), theirs.detach().double()
+    assert ours.shape == theirs.shape, (tuple(ours.shape), tuple(theirs.shape))
+    return ((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30)).item()
+
+
+def table(title: str, rows: list[tuple[str, Tensor, Tensor]]) -> float:
+    print(f"\n{title}")
+    print("| output | shape | max rel err |\n|---|---|---|")
+    worst = 0.0
+    for name, ours, theirs in rows:
+        e = rel_err(ours, theirs)
+        worst = max(worst, e)
+        print(f"| {name} | {tuple(theirs.shape)} | {e:.1e} |")
+    return worst
+
+
+def capture(modules: dict[str, nn.Module]) -> tuple[dict[str, Tensor], list]:
+    """Forward hooks storing each module's output under its name."""
+    got: dict[str, Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, k=k: got.__setitem__(k, out)) for k, m in modules.items()]
+    return got, handles
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    h, w = (int(v) for v in text.lower().split("x"))
+    return h, w
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VMamba v0 (classification), the v0 code of b2faf50 or today's vanilla_vmamba_*
+# ----------------------------------------------------------------------------------------------------------------------
+V0_DEPTHS = {"tiny": [2, 2, 9, 2], "small": [2, 2, 27, 2]}
+
+
+def upstream_vmamba_v0(path: str, depths, dims, d_state: int) -> nn.Module:
+    """VMamba's v0 VSSM (classification/models/vmamba/vmamba.py @b2faf50) with mamba-ssm's selective_scan_ref."""
+    refs = mamba_ssm_refs()
+    mod = load_file("upstream_vmamba_v0", os.path.join(path, "classification/models/vmamba/vmamba.py"))
+    mod.selective_scan_fn = refs.ssi.selective_scan_ref  # SS2D binds this name at construction
+    return mod.VSSM(depths=list(depths), dims=dims, d_state=d_state, num_classes=1000, drop_path_rate=0.0).eval()
+
+
+def upstream_vmamba_head(path: str, size: str) -> nn.Module:
+    """VMamba's current `vanilla_vmamba_{size}` (classification/models/vmamba.py), `selective_scan_torch`."""
+    stand_in("fvcore", "fvcore.nn")
+    fv = sys.modules["fvcore.nn"]
+    for name in ("FlopCountAnalysis", "flop_count_str", "flop_count", "parameter_count"):
+        setattr(fv, name, None)
+    sys.modules["fvcore"].nn = fv
+    models_dir = os.path.join(path, "classification/models")
+    sys.path.insert(0, models_dir)
+    mod = load_file("upstream_vmamba_head", os.path.join(models_dir, "vmamba.py"))
+    net = getattr(mod, f"vanilla_vmamba_{size}")().eval()
+    return net
+
+
+def upstream_vmamba_parts(net: nn.Module) -> dict[str, nn.Module]:
+    """The module after which each stage's output (before merging) is ready, in upstream's VSSM of either code."""
+    parts = {}
+    for i, layer in enumerate(net.layers):
+        blocks = layer.blocks
+        parts[f"stage {i + 1}"] = blocks[-1]
+    return parts
+
+
+def run_vmamba(args: argparse.Namespace) -> None:
+    from models.blocks import vmamba_key_map
+    from models.vmamba import VMambaV0
+
+    torch.manual_seed(0)
+    h, w = parse_hw(args.input)
+    if args.record:  # the small fixed config of tests/test_vmamba_v0.py
+        depths, dims, d_state = [1, 1, 2, 1], 16, 8
+    else:
+        depths, dims, d_state = V0_DEPTHS[args.size], 96, 16
+    ours = VMambaV0(dims, tuple(depths), d_state, num_classes=1000).eval()
+    if args.which == "vmamba_v0":
+        theirs = upstream_vmamba_v0(args.upstream, depths, dims, d_state)
+        if args.record:  # weights the test draws itself
+            sys.path.insert(0, os.path.join(ROOT, "tests"))
+            from test_vmamba_v0 import v0_weights
+
+            drawn = v0_weights(ours)
+            state = {k: drawn[vmamba_key_map({k: None}).popitem()[0]] for k in theirs.state_dict()}
+        else:
+            state = nudge(theirs.state_dict())
+        theirs.load_state_dict(state)
+        mapped = vmamba_key_map(state)
+    else:
+        theirs = upstream_vmamba_head(args.upstream, args.size)
+        import upstream_vmamba_head as mod  # noqa: F401 - loaded above
+
+        for m in theirs.modules():  # the pure-PyTorch scan
+            if hasattr(m, "forward_core") or type(m).__name__ == "SS2D":
+                m.forward = _force_torch_backend(m)
+        state = nudge(theirs.state_dict())
+        theirs.load_state_dict(state)
+        mapped = vmamba_head_key_map(state)
+    missing, unexpected = ours.load_state_dict(mapped, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, h, w, generator=g)
+    got, handles = capture(upstream_vmamba_parts(theirs))
+    with torch.no_grad():
+        logits_t = theirs(x)
+        pooled_t = theirs.forward_features(x) if args.which == "vmamba_v0" else _head_pooled(theirs, got)
+        outs, _ = ours.stages(x)
+        pooled_o = ours.forward_head(outs[-1], pre_logits=True)
+        logits_o = ours.forward_head(outs[-1])
+    for hd in handles:
+        hd.remove()
+    rows = [(f"stage {i + 1}", o, got[f"stage {i + 1}"]) for i, o in enumerate(outs)]
+    rows += [("pooled feature", pooled_o, pooled_t), ("logits", logits_o, logits_t)]
+    label = "record config" if args.record else args.size
+    table(f"{args.which} {label}, input {h}x{w}, depths {depths}", rows)
+    if args.record:
+        print("\n# constants for tests/test_vmamba_v0.py (VMamba's own outputs)")
+        print(f"LOGITS_SUM = {logits_t.double().sum().item()!r}")
+        print(f"LOGITS_ABS_SUM = {logits_t.double().abs().sum().item()!r}")
+        print(f"LOGITS_FIRST = {[round(v, 6) for v in logits_t[0, :6].tolist()]!r}")
+        print(f"POOLED_FIRST = {[round(v, 6) for v in pooled_t[0, :6].tolist()]!r}")
+        print(f"STAGE4_ABS_SUM = {got['stage 4'].double().abs().sum().item()!r}")
+
+
+def _force_torch_backend(m: nn.Module) -> Callable:
+    fwd = m.forward
+    return lambda *a, **k: fwd(*a, **k)
+
+
+def _head_pooled(net: nn.Module, got: dict[str, Tensor]) -> Tensor:
+    """Today's VSSM: classifier = norm, permute, avgpool, flatten, head; the pooled feature is the head's input."""
+    cls = net.classifier
+    x = got["stage 4"]
+    with torch.no_grad():
+        for name, m in cls.named_children():
+            if name == "head":
+                break
+            x = m(x)
+    return x
+
+
+def vmamba_head_key_map(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Today's vanilla VSSM names -> ours: `patch_embed.0/2` (conv, norm), blocks `norm`/`op`, `classifier.norm` /
+    `classifier.head`, downsample `downsample.1/2`? (read from the state_dict below)."""
+    from models.blocks import vmamba_key_map
+
+    out = {}
+    for k, v in vmamba_key_map(state).items():
+        k = k.replace("patch_embed.0.", "patch_embed.proj.").replace("patch_embed.2.", "patch_embed.norm.")
+        k = k.replace("classifier.norm.", "norm.").replace("classifier.head.", "head.")
+        k = k.replace("downsample.norm.", "downsample.norm.").replace("downsample.reduction.", "downsample.reduction.")
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SUM's decoder (Arhosseini77/SUM net/models/vmamba.py) vs models.hand.model.UNetDecoder
+# ----------------------------------------------------------------------------------------------------------------------
+def run_sum(args: argparse.Namespace) -> None:
+    """SUM's VSSM as its config builds it (encoder depths 2/2/9/2, decoder 2/2/2/1, one output channel); the decoder
+    (`forward_features_up` + `forward_final`) run on the same encoder stage outputs / inputs as ours. SUM's
+    condition modulation (C-VSS, its saliency datasets' prompt) is switched off: the hand project names the plain
+    U-Net (UPSTREAM.md), and with `use_modulation = False` SUM's block is the VSS block."""
+    from models.blocks import vmamba_key_map
+    from models.hand.model import UNetDecoder
+
+    refs = mamba_ssm_refs()
+    mod = load_file("upstream_sum_vmamba", os.path.join(args.upstream, "net/models/vmamba.py"))
+    mod.selective_scan_fn = refs.ssi.selective_scan_ref  # forward_corev0 binds this name at each call
+    torch.manual_seed(0)
+    theirs = mod.VSSM(num_classes=1, depths=[2, 2, 9, 2], depths_decoder=[2, 2, 2, 1], drop_path_rate=0.0).eval()
+    for m in theirs.modules():
+        if hasattr(m, "use_modulation"):
+            m.use_modulation = False
+    state = nudge(theirs.state_dict())
+    theirs.load_state_dict(state)
+    dec = {k: v for k, v in vmamba_key_map(state).items()
+           if k.startswith(("layers_up.", "final_")) and ".condition" not in k and ".mlp." not in k}
+    ours = UNetDecoder([96, 192, 384, 768], (2, 2, 2, 1), 16, out_chans=1).eval()
+    ours.load_state_dict(dec, strict=True)
+
+    h, w = parse_hw(args.input)
+    g = torch.Generator().manual_seed(1)
+    sizes = [(h // 4 * 2**-i, w // 4 * 2**-i, 96 * 2**i) for i in range(4)]
+    ins = [torch.randn(1, int(a), int(b), c, generator=g) for a, b, c in sizes]
+    outs = [torch.randn(1, int(a), int(b), c, generator=g) for a, b, c in sizes]
+    cond = torch.eye(4)[:1]
+    got, handles = capture({f"decoder stage {i + 1}": m for i, m in enumerate(theirs.layers_up)})
+    with torch.no_grad():
+        dense_t = theirs.forward_final(theirs.forward_features_up(outs[-1], ins, cond))
+        feats, dense_o = ours(outs, ins)
+    for hd in handles:
+        hd.remove()
+    rows = [(f"decoder stage {i + 1}", f, got[f"decoder stage {i + 1}"]) for i, f in enumerate(feats)]
+    rows.append(("dense logits", dense_o, dense_t))
+    table(f"SUM decoder (depths 2/2/2/1) vs UNetDecoder, encoder maps of a {h}x{w} image", rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=["vmamba_v0", "vmamba", "sum", "demansia2", "face", "agegender", "palm"])
+    p.add_argument("upstream", nargs="?", default="", help="upstream export (git archive) at the recorded commit")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--input", default="64x96", help="H x W of the test image")
+    p.add_argument("--record", action="store_true", help="vmamba_v0: the small config whose numbers the tests keep")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    runners = {"vmamba_v0": run_vmamba, "vmamba": run_vmamba, "sum": run_sum}
+    runners[args.which](args)
+
+
+if __name__ == "__main__":
+    main()
