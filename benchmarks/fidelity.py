@@ -8,7 +8,7 @@ relative error of each output. Results and commands: docs/fidelity.md.
     python benchmarks/fidelity.py demansia2 /tmp/fid/demansia2                  # DeMansia 2 Tiny, legacy mixer
     python benchmarks/fidelity.py face /tmp/fid/face                            # FaceRegSMM RecSSM
     python benchmarks/fidelity.py agegender /tmp/fid/agegender                  # age/gender heads
-    python benchmarks/fidelity.py palm                                          # denoising-diffusion-pytorch
+    python benchmarks/fidelity.py palm /tmp/fid/palm                            # zebracon7's create_model
     python benchmarks/fidelity.py vmamba_v0 /tmp/fid/vmamba_v0 --record        # the constants of test_vmamba_v0
 
 The upstream path is an export of upstream's repository at the commit in docs/fidelity.md (`git archive`); its code
@@ -279,6 +279,119 @@ def run_sum(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Face (FaceRegSMM RecSSM), age/gender heads, palm (denoising-diffusion-pytorch)
+# ----------------------------------------------------------------------------------------------------------------------
+def mamba2_refs() -> None:
+    """mamba-ssm's Mamba2 on its reference path: the chunk scan = `ssd_minimal_discrete` (wrapped with the kernel's
+    signature), the gated RMSNorm = `rms_norm_ref`, the conv = F.conv1d (as benchmarks/scan.py)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from conftest import _import_mamba_ssm_refs
+    from test_blocks_support import ssd_minimal_scan
+
+    ref = _import_mamba_ssm_refs()
+    sys.modules["mamba_ssm.modules.mamba2"].mamba_chunk_scan_combined = ssd_minimal_scan(ref.ssd_minimal_discrete)
+    ref.layernorm_gated.rmsnorm_fn = ref.gated_rms_norm_ref
+
+
+def run_face(args: argparse.Namespace) -> None:
+    """FaceRegSMM's RecSSM (src/models/model.py; configs/train.yaml: 128 px, patch 8) vs face `published`."""
+    from model_config import FaceConfig
+    from models.face.model import FaceEmbeddingNet, upstream_state_dict_to_zoo
+
+    mamba2_refs()
+    mod = load_file("upstream_face_model", os.path.join(args.upstream, "src/models/model.py"))
+    torch.manual_seed(0)
+    theirs = mod.RecSSM(img_size=128, patch_size=8, embed_dim=128).eval()
+    for m in theirs.ssm_blocks:
+        m.use_mem_eff_path = False  # the fused Triton path; the split path runs the references above
+    state = nudge(theirs.state_dict())
+    theirs.load_state_dict(state)
+    ours = FaceEmbeddingNet(FaceConfig.from_presets("published")).eval()
+    ours.load_state_dict({k.removeprefix("net."): v for k, v in upstream_state_dict_to_zoo(state).items()})
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    got, handles = capture({"final norm": theirs.final_norm, "pooled (head input)": theirs.head})
+    got_o, handles_o = capture({"final norm": ours.encoder.final_norm, "pooled (head input)": ours.head})
+    with torch.no_grad():
+        emb_t, emb_o = theirs(x), ours(x)
+    for hd in handles + handles_o:
+        hd.remove()
+    rows = [("final norm (tokens)", got_o["final norm"], got["final norm"]),
+            ("head output (pre-L2)", got_o["pooled (head input)"], got["pooled (head input)"]),
+            ("embedding", emb_o, emb_t)]
+    table("FaceRegSMM RecSSM vs face published, two 128x128 images", rows)
+
+
+def run_agegender(args: argparse.Namespace) -> None:
+    """demographic-analysis ai/age_gender/model.py AgeGenderModel(efficientnet_b0) vs agegender `published`."""
+    from model_config import AgeGenderConfig
+    from models.agegender.module import AgeGender
+
+    mod = load_file("upstream_agegender_model", os.path.join(args.upstream, "ai/age_gender/model.py"))
+    torch.manual_seed(0)
+    theirs = mod.AgeGenderModel("efficientnet_b0", pretrained=False).eval()
+    state = nudge(theirs.state_dict())
+    theirs.load_state_dict(state)
+    ours = AgeGender(AgeGenderConfig.from_presets("published").replace(pretrained=False)).eval()
+    mapped = {}
+    for k, v in state.items():  # heads: upstream Linear/ReLU/Linear/Sigmoid, ours Dropout/Linear/ReLU/Linear
+        for head in ("age_head.", "gender_head."):
+            if k.startswith(head):
+                i, rest = k[len(head):].split(".", 1)
+                k = f"{head}{int(i) + 1}.{rest}"
+        mapped[k] = v
+    missing, unexpected = ours.load_state_dict(mapped, strict=False)
+    assert not unexpected and all(not k.startswith(("backbone.", "age_head.", "gender_head.")) for k in missing), \
+        (missing, unexpected)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats_t, feats_o = theirs.backbone(x), ours.backbone(x)
+        age_t, gender_t = theirs(x)
+        age_o, logit_o = ours(x)
+    rows = [("backbone features", feats_o, feats_t), ("age (years)", age_o, age_t.squeeze(-1)),
+            ("gender P(female)", torch.sigmoid(logit_o), gender_t.squeeze(-1))]
+    table("age/gender heads on efficientnet_b0, two 224x224 images", rows)
+
+
+def run_palm(args: argparse.Namespace) -> None:
+    """zebracon7's network (src/model.py `create_model`: Unet(dim=64, dim_mults=(1, 2, 4, 8), channels=3),
+    GaussianDiffusion(image_size=128, timesteps=1000, sampling_timesteps=1000, objective="pred_noise"), the installed
+    denoising-diffusion-pytorch's other defaults) vs palm `published` (models.palm.model.build_diffusion)."""
+    from model_config import PalmConfig
+    from models.palm.model import build_diffusion
+
+    torch.manual_seed(0)
+    if args.upstream:  # upstream's own builder, src/model.py create_model
+        theirs = load_file("upstream_palm_model", os.path.join(args.upstream, "src/model.py")).create_model("cpu")
+    else:
+        from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+
+        theirs = GaussianDiffusion(Unet(dim=64, dim_mults=(1, 2, 4, 8), channels=3), image_size=128, timesteps=1000,
+                                   sampling_timesteps=1000, objective="pred_noise")
+    theirs.eval()
+    ours = build_diffusion(PalmConfig.from_presets("published")).eval()
+    buffers_t, buffers_o = dict(theirs.named_buffers()), dict(ours.named_buffers())
+    assert buffers_t.keys() == buffers_o.keys()
+    rows = [(f"schedule {k}", buffers_o[k], buffers_t[k]) for k in ("betas", "alphas_cumprod", "loss_weight")]
+    state = nudge({k: v for k, v in theirs.state_dict().items() if k not in buffers_t})
+    theirs.load_state_dict(state, strict=False)
+    ours.load_state_dict(state, strict=False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 128, 128, generator=g)
+    t = torch.tensor([10, 700])
+    noise = torch.randn(2, 3, 128, 128, generator=g)
+    with torch.no_grad():
+        rows.append(("Unet output", ours.model(x * 2 - 1, t), theirs.model(x * 2 - 1, t)))
+        rows.append(("training loss (fixed t, noise)", ours.p_losses(x * 2 - 1, t, noise),
+                     theirs.p_losses(x * 2 - 1, t, noise)))
+        torch.manual_seed(2)
+        step_o = ours.p_sample(noise, 700)[0]
+        torch.manual_seed(2)
+        step_t = theirs.p_sample(noise, 700)[0]
+        rows.append(("one DDPM step (t = 700)", step_o, step_t))
+    table("palm published vs denoising-diffusion-pytorch as upstream builds it, two 128x128 images", rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=["vmamba_v0", "vmamba", "sum", "demansia2", "face", "agegender", "palm"])
@@ -289,7 +402,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    runners = {"vmamba_v0": run_vmamba, "vmamba": run_vmamba, "sum": run_sum}
+    runners = {"vmamba_v0": run_vmamba, "vmamba": run_vmamba, "sum": run_sum, "face": run_face,
+               "agegender": run_agegender, "palm": run_palm}
     runners[args.which](args)
 
 
