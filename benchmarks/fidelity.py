@@ -23,7 +23,6 @@ import importlib.util
 import os
 import sys
 import types
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -169,11 +168,6 @@ def run_vmamba(args: argparse.Namespace) -> None:
         mapped = vmamba_key_map(state)
     else:
         theirs = upstream_vmamba_head(args.upstream, args.size)
-        import upstream_vmamba_head as mod  # noqa: F401 - loaded above
-
-        for m in theirs.modules():  # the pure-PyTorch scan
-            if hasattr(m, "forward_core") or type(m).__name__ == "SS2D":
-                m.forward = _force_torch_backend(m)
         state = nudge(theirs.state_dict())
         theirs.load_state_dict(state)
         mapped = vmamba_head_key_map(state)
@@ -204,11 +198,6 @@ def run_vmamba(args: argparse.Namespace) -> None:
         print(f"STAGE4_ABS_SUM = {got['stage 4'].double().abs().sum().item()!r}")
 
 
-def _force_torch_backend(m: nn.Module) -> Callable:
-    fwd = m.forward
-    return lambda *a, **k: fwd(*a, **k)
-
-
 def _head_pooled(net: nn.Module, got: dict[str, Tensor]) -> Tensor:
     """Today's VSSM: classifier = norm, permute, avgpool, flatten, head; the pooled feature is the head's input."""
     cls = net.classifier
@@ -222,16 +211,14 @@ def _head_pooled(net: nn.Module, got: dict[str, Tensor]) -> Tensor:
 
 
 def vmamba_head_key_map(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Today's vanilla VSSM names -> ours: `patch_embed.0/2` (conv, norm), blocks `norm`/`op`, `classifier.norm` /
-    `classifier.head`, downsample `downsample.1/2`? (read from the state_dict below)."""
+    """Today's vanilla VSSM names -> ours: blocks `norm` / `op` (`vmamba_key_map`), `patch_embed.0` / `.2` (conv,
+    LayerNorm), `classifier.norm` / `classifier.head`; `downsample.{norm,reduction}` are already ours."""
     from models.blocks import vmamba_key_map
 
     out = {}
     for k, v in vmamba_key_map(state).items():
         k = k.replace("patch_embed.0.", "patch_embed.proj.").replace("patch_embed.2.", "patch_embed.norm.")
-        k = k.replace("classifier.norm.", "norm.").replace("classifier.head.", "head.")
-        k = k.replace("downsample.norm.", "downsample.norm.").replace("downsample.reduction.", "downsample.reduction.")
-        out[k] = v
+        out[k.replace("classifier.norm.", "norm.").replace("classifier.head.", "head.")] = v
     return out
 
 
