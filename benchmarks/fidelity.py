@@ -266,6 +266,107 @@ def run_sum(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# DeMansia 2 Tiny (catalpaaa/DeMansia-2 model.py + bidirectional_mamba_2.py), the released network, legacy mixer
+# ----------------------------------------------------------------------------------------------------------------------
+class _Rotary(nn.Module):
+    """Stand-in for flash-attn's `RotaryEmbedding` (flash-attn is not installed; mamba-ssm's MHA calls it as
+    `rotary_emb(q, kv, seqlen_offset=, max_seqlen=)`): non-interleaved rotate-half on the first `dim` channels of each
+    head of q and k, angles position * base^(-2i/dim)."""
+
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, **_):
+        super().__init__()
+        assert not interleaved
+        self.dim, self.base = dim, base
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = self.dim // 2
+        x1, x2, rest = x[..., :half], x[..., half:self.dim], x[..., self.dim:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+    def forward(self, q: Tensor, kv: Tensor, seqlen_offset: int = 0, max_seqlen=None):
+        pos = torch.arange(seqlen_offset, seqlen_offset + q.shape[1], dtype=torch.float32)
+        inv = 1.0 / self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
+        ang = torch.outer(pos, inv)[None, :, None]  # (1, L, 1, dim/2)
+        cos, sin = ang.cos().to(q.dtype), ang.sin().to(q.dtype)
+        k, v = kv.unbind(dim=2)
+        return self._rotate(q, cos, sin), torch.stack([self._rotate(k, cos, sin), v], dim=2)
+
+
+def run_demansia2(args: argparse.Namespace) -> None:
+    """DeMansia 2 Tiny as published (model.py `DeMansia_2(**DeMansia_2_tiny_config)`, device None) vs
+    `DeMansia2Config.from_presets("tiny,published")`. bidirectional_mamba_2.py does not import as published (line 1
+    starts with a stray `i`): it is loaded with that one character removed. mamba-ssm's kernels -> references:
+    `mamba_split_conv1d_scan_combined` -> `mamba_split_conv1d_scan_ref` (its conv `causal_conv1d_ref`, its scan
+    `selective_scan_ref`, its gated norm `rms_norm_ref`), `Block`/`norm_f` unfused with `RMSNorm` = `rms_norm_ref`,
+    MHA's depthwise conv through torch (causal_conv1d_fn = None), flash-attn's rotary by `_Rotary`."""
+    import dataclasses
+
+    # ours, imported before upstream's folder (with its own model_config.py) goes on the path
+    from model_config import DeMansia2Config
+    from models.demansia2.module import DeMansia2
+
+    flash = types.ModuleType("flash_attn.layers.rotary")
+    flash.RotaryEmbedding = _Rotary
+    for name in ("flash_attn", "flash_attn.layers"):
+        stand_in(name)
+    sys.modules["flash_attn.layers.rotary"] = flash
+    mamba2_refs()
+    import causal_conv1d.causal_conv1d_interface as cc
+    import mamba_ssm.modules.mha as mha
+    import mamba_ssm.ops.selective_scan_interface as ssi
+    import mamba_ssm.ops.triton.layer_norm as ln
+    import mamba_ssm.ops.triton.ssd_combined as ssd
+    from mamba_ssm.ops.triton.layernorm_gated import rms_norm_ref as gated_ref
+
+    mha.RotaryEmbedding, mha.causal_conv1d_fn = _Rotary, None
+    ssi.selective_scan_fn = ssi.selective_scan_ref
+    ssd.causal_conv1d_fn = lambda x, w, b=None, activation=None: cc.causal_conv1d_ref(x, w, b, activation=activation)
+    ssd.rmsnorm_fn = gated_ref
+    ln.RMSNorm.forward = lambda self, x, residual=None, prenorm=False, residual_in_fp32=False: ln.rms_norm_ref(
+        x, self.weight, None, residual=residual, eps=self.eps, prenorm=prenorm, upcast=True)
+
+    src = open(os.path.join(args.upstream, "bidirectional_mamba_2.py")).read()
+    assert src.startswith("i#")
+    bm2 = types.ModuleType("bidirectional_mamba_2")
+    bm2.__file__ = os.path.join(args.upstream, "bidirectional_mamba_2.py")
+    exec(compile(src[1:], bm2.__file__, "exec"), bm2.__dict__)
+    sys.modules["bidirectional_mamba_2"] = bm2
+
+    def split_ref(*a, seq_idx=None, **k):
+        return ssd.mamba_split_conv1d_scan_ref(*a, **k)
+
+    bm2.mamba_split_conv1d_scan_combined = split_ref
+    sys.path.insert(0, args.upstream)
+    up = load_file("upstream_demansia2_model", os.path.join(args.upstream, "model.py"))
+    up_cfg = load_file("upstream_demansia2_config", os.path.join(args.upstream, "model_config.py"))
+    hp = dataclasses.asdict(up_cfg.DeMansia_2_tiny_config())
+    hp.update(device=None)
+    torch.manual_seed(0)
+    theirs = up.DeMansia_2(**hp).eval()
+    theirs.fused_add_norm = False
+    for blk in theirs.layers:
+        blk.fused_add_norm = False
+    state = nudge({k: v for k, v in theirs.state_dict().items() if not k.startswith(("valid_acc", "token_loss"))})
+    theirs.load_state_dict(state, strict=False)
+
+    ours = DeMansia2(config=DeMansia2Config.from_presets("tiny,published")).model.eval()
+    own = ours.state_dict()
+    missing = sorted(set(own) - set(state))
+    assert not missing, missing[:8]
+    ours.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tok_t = theirs(x, return_features=True)
+        logits_t = theirs(x)
+        got, handles = capture({"norm_f": ours.norm_f})
+        logits_o = ours(x)
+        for hd in handles:
+            hd.remove()
+    rows = [("final tokens (norm_f)", got["norm_f"], tok_t), ("eval logits", logits_o, logits_t)]
+    table("DeMansia 2 Tiny (published, legacy mixer), two 224x224 images", rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Face (FaceRegSMM RecSSM), age/gender heads, palm (denoising-diffusion-pytorch)
 # ----------------------------------------------------------------------------------------------------------------------
 def mamba2_refs() -> None:
@@ -390,7 +491,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     runners = {"vmamba_v0": run_vmamba, "vmamba": run_vmamba, "sum": run_sum, "face": run_face,
-               "agegender": run_agegender, "palm": run_palm}
+               "agegender": run_agegender, "palm": run_palm, "demansia2": run_demansia2}
     runners[args.which](args)
 
 
