@@ -1,6 +1,6 @@
-"""The hand network: VMamba v0 checkpoints (names and shapes synthesised from VMamba's v0 layout, tiny and small) load
-through the key map with nothing left over; timm names and features_only; forward shapes at 224 for micro, tiny and
-the published network."""
+"""The hand network and its VMamba v0 encoder (`models.vmamba`): VMamba v0 checkpoints (names and shapes synthesised
+from VMamba's v0 layout, tiny and small) load through the key map with nothing left over; timm names and
+features_only; forward shapes at 224 for micro, tiny and the published network."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,9 @@ import torch
 
 import models  # noqa: F401 - registers the timm names
 from model_config import HandConfig
-from models.hand.model import HandNet, VMambaV0, load_vmamba_v0
+from models.hand.model import HandNet
 from models.hand.module import HandBiometrics
+from models.vmamba import VMambaV0, load_vmamba_v0
 
 
 def v0_state_dict(depths: tuple[int, ...], num_classes: int = 1000) -> dict[str, torch.Tensor]:

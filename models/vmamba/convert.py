@@ -1,0 +1,53 @@
+"""VMamba v0's release files: where they are (`RELEASES`) and how their tensors load (`load_vmamba_v0`).
+
+A release `.pth` holds `model` (and `model_ema`, `optimizer`, `lr_scheduler`, `epoch`, `max_accuracy`, `config`);
+its `model` state_dict names the block tensors `layers.i.blocks.j.ln_1.*` / `...self_attention.*`, which
+`models.blocks.vmamba_key_map` renames to our `norm.*` / `mixer.*`; every other name and every shape is VMamba's.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.blocks import vmamba_key_map
+from zoo.errors import ZooError
+
+_RELEASE_URL = "https://github.com/MzeroMiko/VMamba/releases/download/%23v0cls/"
+# The v0 classifier releases (VMamba assets/performance.md; sizes and sha256 from the git-lfs pointers of a public
+# repository that vendors the files, UPSTREAM.md). ImageNet-1k top-1 at 224^2; Small's log is its EMA run.
+RELEASES: dict[str, dict[str, Any]] = {
+    "tiny": dict(file="vssmtiny_dp01_ckpt_epoch_292.pth", url=_RELEASE_URL + "vssmtiny_dp01_ckpt_epoch_292.pth",
+                 bytes=91_649_482, sha256="dbc0cc4f5ec0e45db5fba7c939d2c7d9b617e891ac10766912a8d604c37c5e47",
+                 metric="ImageNet-1k top-1 82.2% (224x224)", license="mit"),
+    "small": dict(file="vssmsmall_dp03_ckpt_epoch_238.pth", url=_RELEASE_URL + "vssmsmall_dp03_ckpt_epoch_238.pth",
+                  bytes=177_830_070, sha256="8a9b3d3954bd28265405bd9a86768599d11491ba414ce04011db837d6c319e14",
+                  metric="ImageNet-1k top-1 83.5% (224x224)", license="mit"),
+}
+
+
+def load_vmamba_v0(encoder: nn.Module, source: Any) -> dict[str, list[str]]:
+    """Load VMamba v0 weights (a checkpoint path, read with weights_only=True, whose `model` entry is used; or a
+    state_dict) into `encoder` (a `VMambaV0`) through `vmamba_key_map`. Returns {"missing": [...], "unexpected":
+    [...], "mismatched": [...]}: the encoder keys not loaded, the checkpoint keys not used (e.g. `head.*` for another
+    class count), and those with a different shape (skipped)."""
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        try:
+            ckpt = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ZooError(f"pretrained_ckpt {source}: file not found. Give the path of VMamba's v0 checkpoint "
+                           f"(vssmtiny_dp01_ckpt_epoch_292.pth / vssmsmall_dp03_ckpt_epoch_238.pth).") from None
+        except Exception as e:
+            raise ZooError(f"pretrained_ckpt {source}: cannot read it safely ({type(e).__name__}: {str(e)[:160]}). "
+                           f"Only tensor checkpoints are accepted (weights_only=True).") from None
+        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    else:
+        state = source
+    state: dict[str, Tensor] = vmamba_key_map({k.removeprefix("module."): v for k, v in state.items()})
+    own = encoder.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    report = {"missing": sorted(set(own) - set(usable)), "unexpected": sorted(set(state) - set(own)),
+              "mismatched": sorted(k for k in state if k in own and own[k].shape != state[k].shape)}
+    encoder.load_state_dict(usable, strict=False)
+    return report
