@@ -229,7 +229,7 @@ def run_sum(args: argparse.Namespace) -> None:
     """SUM's VSSM as its config builds it (encoder depths 2/2/9/2, decoder 2/2/2/1, one output channel); the decoder
     (`forward_features_up` + `forward_final`) run on the same encoder stage outputs / inputs as ours. SUM's
     condition modulation (C-VSS, its saliency datasets' prompt) is switched off: the hand project names the plain
-    U-Net (UPSTREAM.md), and with `use_modulation = False` SUM's block is the VSS block."""
+    U-Net (docs/hand.md), and with `use_modulation = False` SUM's block is the VSS block."""
     from models.blocks import vmamba_key_map
     from models.hand.model import UNetDecoder
 

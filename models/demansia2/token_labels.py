@@ -243,6 +243,7 @@ def load_teacher(spec: str, pretrained: bool = False, image_size: int | None = N
     """`spec`: a checkpoint / safetensors file written by the zoo, or a timm model name."""
     path = Path(spec).expanduser()
     if path.is_file():
+        import model_config  # noqa: F401  (registers the tasks that load_model looks up)
         from zoo.checkpoint import load_model
 
         return teacher_from_module(load_model(path, trust=trust).eval(), spec, image_size)

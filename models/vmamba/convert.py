@@ -16,7 +16,7 @@ from zoo.errors import ZooError
 
 _RELEASE_URL = "https://github.com/MzeroMiko/VMamba/releases/download/%23v0cls/"
 # The v0 classifier releases (VMamba assets/performance.md; sizes and sha256 from the git-lfs pointers of a public
-# repository that vendors the files, UPSTREAM.md). ImageNet-1k top-1 at 224^2; Small's log is its EMA run.
+# repository that vendors the files). ImageNet-1k top-1 at 224^2; Small's log is its EMA run.
 RELEASES: dict[str, dict[str, Any]] = {
     "tiny": dict(file="vssmtiny_dp01_ckpt_epoch_292.pth", url=_RELEASE_URL + "vssmtiny_dp01_ckpt_epoch_292.pth",
                  bytes=91_649_482, sha256="dbc0cc4f5ec0e45db5fba7c939d2c7d9b617e891ac10766912a8d604c37c5e47",

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from models.blocks import VSSBlock
 
-# VMamba v0 sizes (UPSTREAM.md); micro is a CPU-sized model of the same layout.
+# VMamba v0 sizes (VMamba classification/configs/vssm/vmambav0_*_224.yaml); micro is a CPU-sized model of the same layout.
 VMAMBA_V0_SIZES: dict[str, dict[str, Any]] = {
     "micro": dict(embed_dim=16, depths=(1, 1, 1, 1), d_state=8),
     "tiny": dict(embed_dim=96, depths=(2, 2, 9, 2), d_state=16),
