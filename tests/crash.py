@@ -2,7 +2,7 @@
 
     python tests/crash.py --signal INT --at-step 3 [--at validation] -- --model toy ...   (train.py's arguments)
 
-sends the signal to its own process group (SIGINT, as Ctrl-C in a terminal does) or to itself (SIGKILL) once
+sends the signal to its own process group (SIGINT, as Ctrl-C in a terminal does) or to itself (SIGTERM, SIGKILL) once
 `global_step` reaches the step: before that step's batch trains (`--at batch`) or when the epoch-end validation
 starts (`--at validation`, i.e. after the epoch's last step and its step checkpoint). `--model toy` is the test-only
 task of tests/toy_task.py.
@@ -66,7 +66,7 @@ def send(sig: signal.Signals):
 def main(argv: list[str]) -> int:
     sep = argv.index("--")
     p = argparse.ArgumentParser()
-    p.add_argument("--signal", choices=["INT", "KILL"], default=None, help="none: just run train.py")
+    p.add_argument("--signal", choices=["INT", "TERM", "KILL"], default=None, help="none: just run train.py")
     p.add_argument("--at-step", type=int, default=0)
     p.add_argument("--at", choices=["batch", "validation"], default="batch")
     a = p.parse_args(argv[:sep])
