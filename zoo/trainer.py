@@ -27,6 +27,7 @@ from callbacks.progress import CompactRichProgressBar
 from callbacks.rng_state import RNGStateCallback
 from zoo.errors import ZooError
 
+
 class RunInterrupted(SystemExit):
     """A run stopped by SIGTERM (a scheduler's preemption or eviction) or SIGINT (Ctrl-C): the process exits with
     128 + the signal number (143, 130), as shells and schedulers expect of a killed job, never 0."""
