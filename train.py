@@ -241,6 +241,10 @@ def run(argv: list[str] | None = None, extra_callbacks: list | None = None) -> d
             raise ZooError(f"--ckpt {eval_path} holds a '{task}' model, not '{entry.name}'. Use --model {task}.")
 
     cfg = resolve_config(args, entry, ckpt)
+    if ckpt is not None:  # a file's config builds nothing before it fits the file's tensors (on the meta device)
+        from zoo.bounded import fit_on_meta
+
+        fit_on_meta(module_cls, cfg, entry.name, ckpt, resume_path or eval_path)
     if args.show_config:
         import json
 

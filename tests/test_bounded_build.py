@@ -78,3 +78,27 @@ def test_a_raw_pickle_is_not_a_checkpoint(tmp_path, capsys, payload):
     assert predict.main(["--ckpt", str(path), "--help"]) == 2
     err = capsys.readouterr().err
     assert "not a checkpoint" in err and "corrupt" not in err and err.count("\n") == 1 and str(path) in err
+
+
+def test_a_resume_checkpoint_whose_config_does_not_fit_its_tensors_builds_nothing(honest, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import train
+
+    with safe_open(str(honest), framework="pt") as f:
+        meta, state = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    config = {**json.loads(meta[META_CONFIG]), "embedding_dim": 4096}
+    path = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"task": "hand", "config": config}, "epoch": 0,
+                "global_step": 1}, path)
+    built = []
+    real_hook = HandBiometrics.on_load_checkpoint
+
+    def spy(self, checkpoint):
+        built.append(next(self.net.parameters()).device.type)
+        return real_hook(self, checkpoint)
+
+    monkeypatch.setattr(HandBiometrics, "on_load_checkpoint", spy)
+    assert train.main(["--model", "hand", "--resume", str(path), "--logger", "none", "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert built == ["meta"]
+    assert "(4096" in err and "shape" in err and str(path) in err and err.count("\n") == 1
