@@ -102,3 +102,13 @@ def test_a_resume_checkpoint_whose_config_does_not_fit_its_tensors_builds_nothin
     err = capsys.readouterr().err
     assert built == ["meta"]
     assert "(4096" in err and "shape" in err and str(path) in err and err.count("\n") == 1
+
+
+def test_class_weights_of_the_metric_loss_are_not_allocated_either(honest, tmp_path, capsys):
+    # within every bound, but 200k identities x 1024 dims would be 0.8 GB of ArcFace weights (pytorch-metric-learning
+    # allocates them with a constructor that ignores the meta device)
+    bad = crafted(honest, tmp_path / "ids.safetensors", num_identities=200_000, embedding_dim=1024)
+    before = peak_mib()
+    assert predict.main(["--ckpt", str(bad), "--help"]) == 2
+    err = capsys.readouterr().err
+    assert peak_mib() - before < 200 and "shape" in err and err.count("\n") == 1

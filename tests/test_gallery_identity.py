@@ -49,9 +49,12 @@ def _meta(gallery) -> dict:
         return dict(f.metadata())
 
 
-def test_fingerprint_follows_weights_config_and_task():
+def test_fingerprint_follows_weights_config_and_task(files):
+    from zoo.checkpoint import load_model
+
     a, b = _model(0), _model(0)
     assert model_fingerprint(a) == model_fingerprint(b) and len(model_fingerprint(a)) == 64
+    assert model_fingerprint(load_model(files["a"])) == model_fingerprint(a)  # the exported file: the same model
     with torch.no_grad():
         next(b.parameters()).view(-1)[0] += 1e-3
     assert model_fingerprint(a) != model_fingerprint(b)
