@@ -18,12 +18,14 @@ from zoo.checkpoint import read_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name, status", [("TERM", 143), ("INT", 130)])
-def test_a_signal_mid_epoch_saves_prints_the_resume_command_and_exits_128_plus_signal(tmp_path, name, status):
+@pytest.mark.parametrize("name, status, workers", [("TERM", 143, "0"), ("INT", 130, "0"), ("TERM", 143, "2")])
+def test_a_signal_mid_epoch_saves_prints_the_resume_command_and_exits_128_plus_signal(tmp_path, name, status,
+                                                                                      workers):
+    """The signal goes to the process group, loader workers included (as Ctrl-C and SLURM's scancel send it)."""
     env = dict(os.environ, ZOO_CHECKPOINT_DIR=str(tmp_path / "ck"), ZOO_DEMO_DIR=str(tmp_path / "demo"),
                PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}", CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "crash.py"), "--signal", name, "--at-step", "5", "--",
-                          "--model", "toy", "--logger", "none", "--progress", "none", "--num-workers", "0",
+                          "--model", "toy", "--logger", "none", "--progress", "none", "--num-workers", workers,
                           "--epochs", "3", "--run-name", "r"], env=env, capture_output=True, text=True, cwd=ROOT,
                          timeout=300, start_new_session=True)
     last = tmp_path / "ck" / "toy" / "r" / "last.ckpt"
@@ -62,7 +64,7 @@ def test_under_slurm_auto_requeue_the_handlers_stay_and_sigterm_still_exits_143(
 
     probe = Probe(3, look_then_term)
     with pytest.raises(SystemExit) as e:
-        train.run(["--model", "toy", "--logger", "none", "--progress", "none", "--num-workers", "0", "--epochs", "2",
+        train.run(["--model", "toy", "--logger", "none", "--progress", "none", "--num-workers", workers, "--epochs", "2",
                    "--run-name", "s"], extra_callbacks=[probe])
     assert e.value.code == 143
     assert seen["slurm"] and "_slurm_sigusr_handler_fn" in seen["usr1"]
