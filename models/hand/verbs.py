@@ -134,18 +134,19 @@ def _identify(model, args) -> int:
     from datamodules.hands11k import age_group_names
 
     paths = expand_images(args.images)
-    out = run_images(model, paths)
-    cfg = model.cfg
-    ages, genders = age_group_names(tuple(cfg.age_bins)), list(cfg.gender_names)
-    ids = list(cfg.identity_names) or [str(i) for i in range(cfg.num_identities)]
-    results = []
     gallery = None
-    if args.gallery:
+    if args.gallery:  # checked before any image is embedded
         gallery = read_gallery(Path(args.gallery))
         if not gallery.persons:
             raise ZooError(f"--gallery {args.gallery}: no such gallery (or it is empty). Enrol people first: "
                            f"`predict.py --ckpt ... enroll --gallery {args.gallery} --person NAME IMAGES`.")
         check_gallery_model(Path(args.gallery), gallery, model_fingerprint(model), args.ckpt, adding=False)
+    out = run_images(model, paths)
+    cfg = model.cfg
+    ages, genders = age_group_names(tuple(cfg.age_bins)), list(cfg.gender_names)
+    ids = list(cfg.identity_names) or [str(i) for i in range(cfg.num_identities)]
+    results = []
+    if gallery:
         if gallery.embeddings.shape[1] != out["embedding"].shape[1]:
             raise ZooError(f"--gallery {args.gallery}: embeddings of size {gallery.embeddings.shape[1]}, this model "
                            f"makes {out['embedding'].shape[1]}; enrol again with this checkpoint.")
