@@ -241,6 +241,10 @@ def run(argv: list[str] | None = None, extra_callbacks: list | None = None) -> d
             raise ZooError(f"--ckpt {eval_path} holds a '{task}' model, not '{entry.name}'. Use --model {task}.")
 
     cfg = resolve_config(args, entry, ckpt)
+    if ckpt is not None:  # a file's config builds nothing before it fits the file's tensors (on the meta device)
+        from zoo.bounded import fit_on_meta
+
+        fit_on_meta(module_cls, cfg, entry.name, ckpt, resume_path or eval_path)
     if args.show_config:
         import json
 
@@ -299,18 +303,19 @@ def _remove_if_no_checkpoint(run_dir: Path) -> None:
 
 def _run_trainer(trainer, args, model, datamodule, module_cls, run_dir, resume_path, eval_path, extra_callbacks):
     from zoo.checkpoint import safe_globals
+    from zoo.trainer import exit_status_of_signals
 
     for cb in extra_callbacks or []:
         trainer.callbacks.append(cb)
 
     if eval_path is not None:
         fn = trainer.test if args.test else trainer.validate
-        with safe_globals():  # Lightning reads the file again: with the same allow-list, or full pickle if trusted
+        with safe_globals(), exit_status_of_signals():  # Lightning reads the file again (same allow-list)
             results = fn(model, datamodule=datamodule, ckpt_path=str(eval_path),
                          weights_only=not args.trust_checkpoint, verbose=False)
         print(results_table(results))
         return {"trainer": trainer, "model": model, "datamodule": datamodule, "results": results, "run_dir": run_dir}
-    with safe_globals():
+    with safe_globals(), exit_status_of_signals():  # SIGTERM / SIGINT: last.ckpt, resume command, exit 143 / 130
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_path) if resume_path else None,
                     weights_only=not args.trust_checkpoint)
     if not args.fast_dev_run and trainer.is_global_zero:

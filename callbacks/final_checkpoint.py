@@ -46,7 +46,7 @@ class FinalCheckpoint(L.Callback):
 
 
 class CrashCheckpoint(L.Callback):
-    """Writes last.ckpt on any exception or Ctrl-C.
+    """Writes last.ckpt on any exception, Ctrl-C or SIGTERM (then prints the command that resumes it).
 
     Not Lightning's OnExceptionCheckpoint: that one deletes its file on a normal teardown (which would remove the run's
     last.ckpt), and its mere presence makes `fit(ckpt_path=None)` silently resume from "last". A crash usually comes while a batch is in flight: the loader has already
@@ -65,13 +65,19 @@ class CrashCheckpoint(L.Callback):
         self._loader_states = loader._state_dicts() if loader is not None else None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         from callbacks.divergence import DivergenceError
 
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         if isinstance(exception, DivergenceError):  # the weights are not worth keeping; the last good file stays
             return
+        stop = ("interrupted (SIGINT, Ctrl-C)" if isinstance(exception, KeyboardInterrupt) else
+                "stopped by SIGTERM" if isinstance(exception, SIGTERMException) else None)
         if trainer.global_step == 0:  # nothing trained yet: nothing worth resuming (and no folder left behind)
+            if stop and trainer.is_global_zero:
+                print(f"\n[train] {stop} before the first step; no checkpoint written.", file=sys.stderr, flush=True)
             return
         self._crashing = True
         try:
@@ -81,9 +87,9 @@ class CrashCheckpoint(L.Callback):
             return
         finally:
             self._crashing = False
-        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            print(f"\n[train] interrupted at step {trainer.global_step} (epoch {trainer.current_epoch}); checkpoint "
-                  f"saved to {self.ckpt_path}. Resume with:\n  {resume_command(self.ckpt_path, self.model)}", file=sys.stderr,
+        if stop and trainer.is_global_zero:
+            print(f"\n[train] {stop} at step {trainer.global_step} (epoch {trainer.current_epoch}); checkpoint saved "
+                  f"to {self.ckpt_path}. Resume with:\n  {resume_command(self.ckpt_path, self.model)}", file=sys.stderr,
                   flush=True)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

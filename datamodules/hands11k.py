@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from datamodules.base import REPO_ROOT, ZooDataModule
 from zoo.errors import ZooError
-from zoo.images import is_image, load_rgb, save_rgb
+from zoo.images import drop_bad_images, is_image, load_rgb, save_rgb
 
 CSV_NAME = "HandInfo.csv"
 COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand", "imageName",
@@ -121,6 +121,17 @@ def read_hand_info(path: str | Path) -> list[HandRecord]:
     if bad["flag"]:
         raise ZooError(f"{path}: {len(bad['flag'])} row(s) have accessories/nailPolish/irregularities that are not 0/1: "
                        f"{_examples(bad['flag'])}. Fix those rows or delete them.")
+    first: dict[str, int] = {}
+    twice = []  # one image under two rows would be two subjects, or land in train and validation at once
+    for r in records:
+        if r.image in first:
+            twice.append((first[r.image], r.row, r.image))
+        first.setdefault(r.image, r.row)
+    if twice:
+        a, b, name = twice[0]
+        more = f" ({len(twice)} duplicated rows in all)" if len(twice) > 1 else ""
+        raise ZooError(f"{path}: imageName {name!r} appears on line {a} and line {b}{more}; each image belongs to one "
+                       f"row. Delete the wrong row(s).")
     return records
 
 
@@ -357,6 +368,13 @@ class Hands11kDataModule(ZooDataModule):
             dropped["missing_image"] = len(missing)
             print(f"[hands11k] skipped {len(missing)} CSV row(s) whose image is not in {folder} "
                   f"(skip_missing_images), e.g. {', '.join(r.image for r in missing[:3])}")
+        # Empty, truncated or non-image files: reported and skipped (an error with strict_data), like every reader.
+        shown = [folder / r.image for r in kept if r.row not in self.missing]
+        good = set(drop_bad_images(shown, bool(cfg.strict_data), f"11k Hands {folder}"))
+        unreadable = {r.row for r, p in zip((r for r in kept if r.row not in self.missing), shown) if p not in good}
+        if unreadable:
+            dropped["unreadable_image"] = len(unreadable)
+            self.missing |= unreadable
         self.dropped = dict(dropped)
         self.csv_path, self.source_dir = csv_path, folder
 

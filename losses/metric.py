@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from zoo.errors import unknown
@@ -29,6 +30,18 @@ def make_miner(kind: str, margin: float):
     return miners.TripletMarginMiner(margin=margin, type_of_triplets=kind)
 
 
+def _margin_softmax(cls, num_classes: int, embedding_dim: int, margin: float, scale: float):
+    """pytorch-metric-learning's ArcFace / CosFace with its class weight W (embedding_dim, num_classes) allocated by
+    `torch.empty`, which follows the default device: pml makes W with the legacy `torch.Tensor(...)` constructor,
+    which would allocate it on the CPU even inside a shape-only build on the meta device (zoo/bounded.py)."""
+    with torch.random.fork_rng(devices=[]):  # the 1 x 1 placeholder leaves the random stream as it was
+        loss = cls(num_classes=1, embedding_size=1, margin=margin, scale=scale)
+    loss.num_classes = num_classes
+    loss.W = nn.Parameter(torch.empty(embedding_dim, num_classes))
+    loss.weight_init_func(loss.W)  # pml's own initialisation, drawing the same numbers as before
+    return loss
+
+
 class MetricLoss(nn.Module):
     """loss(embeddings (B, D), labels (B,) int) -> scalar.
 
@@ -48,12 +61,9 @@ class MetricLoss(nn.Module):
         self.margin = DEFAULT_MARGIN[kind] if margin is None else float(margin)
         if kind == "triplet":
             self.loss = losses.TripletMarginLoss(margin=self.margin)
-        elif kind == "arcface":
-            self.loss = losses.ArcFaceLoss(num_classes=max(num_classes, 1), embedding_size=embedding_dim,
-                                           margin=self.margin, scale=scale)
         else:
-            self.loss = losses.CosFaceLoss(num_classes=max(num_classes, 1), embedding_size=embedding_dim,
-                                           margin=self.margin, scale=scale)
+            cls = losses.ArcFaceLoss if kind == "arcface" else losses.CosFaceLoss
+            self.loss = _margin_softmax(cls, max(num_classes, 1), embedding_dim, self.margin, scale)
         self.miner_kind = "none"
         self.miner = None
         self.set_miner(miner)

@@ -2,7 +2,8 @@
 
     python tests/crash.py --signal INT --at-step 3 [--at validation] -- --model toy ...   (train.py's arguments)
 
-sends the signal to its own process group (SIGINT, as Ctrl-C in a terminal does) or to itself (SIGKILL) once
+sends the signal to its own process group (SIGINT as Ctrl-C in a terminal does, SIGTERM as SLURM does) or to
+itself (SIGKILL) once
 `global_step` reaches the step: before that step's batch trains (`--at batch`) or when the epoch-end validation
 starts (`--at validation`, i.e. after the epoch's last step and its step checkpoint). `--model toy` is the test-only
 task of tests/toy_task.py.
@@ -56,8 +57,10 @@ def raise_(exc: type[BaseException]):
 
 def send(sig: signal.Signals):
     def action():
-        if sig == signal.SIGINT:
-            os.killpg(os.getpgid(0), sig)  # like Ctrl-C: the whole foreground group, loader workers included
+        if sig in (signal.SIGINT, signal.SIGTERM):
+            # like Ctrl-C (the foreground group) or a scheduler (SLURM's scancel: every process of the job step):
+            # loader workers included
+            os.killpg(os.getpgid(0), sig)
         else:
             os.kill(os.getpid(), sig)
     return action
@@ -66,7 +69,7 @@ def send(sig: signal.Signals):
 def main(argv: list[str]) -> int:
     sep = argv.index("--")
     p = argparse.ArgumentParser()
-    p.add_argument("--signal", choices=["INT", "KILL"], default=None, help="none: just run train.py")
+    p.add_argument("--signal", choices=["INT", "TERM", "KILL"], default=None, help="none: just run train.py")
     p.add_argument("--at-step", type=int, default=0)
     p.add_argument("--at", choices=["batch", "validation"], default="batch")
     a = p.parse_args(argv[:sep])

@@ -187,3 +187,29 @@ def test_demo_data_is_in_the_published_format(tmp_path, monkeypatch):
     assert raw.startswith(",".join(COLUMNS).encode() + b"\r\n") and b'"0000007",' in raw
     d = dm.describe()
     assert d["subjects"] == 16 and d["dropped"]["accessories"] > 0 and all(d["val_per_aspect"].values())
+
+
+def test_duplicated_image_name_is_an_error_naming_both_lines(tmp_path):
+    # row 14 (line 15, subject 1) names the image of row 2 (line 3, subject 0): one file would be two people
+    dup = lambda n, f: f[:7] + ['"Hand_0000002.jpg"'] + f[8:] if n == 14 else f  # noqa: E731
+    root = write_fixture(tmp_path, n_subjects=3, per_aspect=2, images=False, mutate=dup)
+    with pytest.raises(ZooError) as e:
+        read_hand_info(root / "HandInfo.csv")
+    msg = str(e.value)
+    assert str(root / "HandInfo.csv") in msg and "'Hand_0000002.jpg'" in msg
+    assert "line 3" in msg and "line 15" in msg and "\n" not in msg
+
+
+def test_zero_byte_image_is_reported_and_skipped_unless_strict(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    root = write_fixture(tmp_path / "data", n_subjects=4, per_aspect=5)
+    (root / "Hands" / "Hand_0000003.jpg").write_bytes(b"")
+    dm = Hands11kDataModule(cfg(), root)
+    with caplog.at_level("WARNING"):
+        dm.prepare_data()  # builds the resized cache: the empty file must not stop it
+    assert "Hand_0000003.jpg" in caplog.text and "empty file" in caplog.text
+    kept = {dm.records_all[i].image for s in dm.splits.values() for i in s}
+    assert "Hand_0000003.jpg" not in kept and "Hand_0000004.jpg" in kept
+    assert dm.describe()["dropped"]["unreadable_image"] == 1
+    with pytest.raises(ZooError, match=r"Hand_0000003.jpg \(empty file\).*strict_data"):
+        Hands11kDataModule(cfg(strict_data=True), root).setup("fit")

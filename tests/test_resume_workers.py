@@ -45,7 +45,7 @@ def _crash_and_resume(common, name, step, at, kind, monkeypatch, ckpt_root):
             m.setattr(CrashCheckpoint, "on_exception", lambda *a, **k: None)
             with pytest.raises(RuntimeError, match="simulated crash"):
                 train.run(common + ["--run-name", name], extra_callbacks=[InterruptAt(step, raise_(RuntimeError), at)])
-        else:  # Ctrl-C: Lightning catches the KeyboardInterrupt, our crash checkpoint writes last.ckpt, exit(1)
+        else:  # Ctrl-C: Lightning catches the KeyboardInterrupt, our crash checkpoint writes last.ckpt, exit 130
             with pytest.raises(SystemExit):
                 train.run(common + ["--run-name", name],
                           extra_callbacks=[InterruptAt(step, raise_(KeyboardInterrupt), at)])
@@ -132,7 +132,7 @@ def test_real_signal_then_resume(toy_registered, signal_name, at, step):
         assert crashed.returncode == -signal.SIGKILL
         assert read_checkpoint(last)["global_step"] == 15  # the step checkpoint before the kill
     else:
-        assert crashed.returncode == 1, crashed.stderr[-2000:]
+        assert crashed.returncode == 130, crashed.stderr[-2000:]  # 128 + SIGINT
         assert f"checkpoint saved to {last}" in crashed.stderr
         assert "Traceback" not in crashed.stderr
         command = next(line.strip() for line in crashed.stderr.splitlines() if "--resume" in line)

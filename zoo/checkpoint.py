@@ -113,6 +113,9 @@ def read_checkpoint(path: str | Path, trust: bool = False, for_predict: bool = F
                            f"state that {weights_for} needs. Give the run's .ckpt file; use the .safetensors file with "
                            f"predict.py.")
         return read_safetensors(path)
+    if is_raw_pickle(path):
+        raise ZooError(f"{path} is not a checkpoint: it is a plain Python pickle, not a file written by torch.save / "
+                       f"train.py (nothing in it was run). Give a .ckpt written by train.py or a .safetensors export.")
     try:
         ckpt = safe_load(path, "checkpoint", trust=trust)
     except ZooError:
@@ -126,6 +129,17 @@ def read_checkpoint(path: str | Path, trust: bool = False, for_predict: bool = F
         raise ZooError(f"{path} is not a Lightning checkpoint (no 'state_dict'). Released upstream weights must be "
                        f"converted first: see checkpoints/README.md.")
     return ckpt
+
+
+LEGACY_TORCH_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's pre-zip format opens with this pickled int
+
+
+def is_raw_pickle(path: str | Path) -> bool:
+    """True for a pickle stream that is neither torch.save's zip format nor its legacy format (read from the first
+    bytes, nothing unpickled)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return head[:1] == b"\x80" and LEGACY_TORCH_MAGIC not in head
 
 
 def read_safetensors(path: str | Path) -> dict[str, Any]:
@@ -175,6 +189,7 @@ def find_last(model: str, root: Path) -> Path:
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "", expected_task: str | None = None):
     """The task's LightningModule built from a checkpoint dict (as `read_checkpoint` returns), weights loaded, on the
     CPU, in eval mode. Equivalent to `Task.load_from_checkpoint` without reading the file a second time."""
+    from zoo.bounded import fit_on_meta
     from zoo.registry import get_entry
 
     task = checkpoint_task(ckpt, path)
@@ -183,6 +198,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "", expected_
                        f"or run the '{task}' commands on it.")
     cls = get_entry(task).load("module")
     hp = ckpt.get("hyper_parameters") or {}
+    fit_on_meta(cls, hp.get("config"), task, ckpt, path)  # config checked, shapes compared, before any allocation
     model = cls(config=hp.get("config"), task=task)
     model.on_load_checkpoint(ckpt)
     try:

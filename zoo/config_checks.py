@@ -232,8 +232,27 @@ def config_error(cfg: Any, field: str, must: str, value: Any = dataclasses.MISSI
                     f"--set {field}=VALUE (or the matching flag).")
 
 
+# Upper bounds on the integer fields that size memory (widths, depths, class counts, image sides), whatever the config
+# class: far above every preset and published model, low enough that no config (from a command line or a file from
+# elsewhere) can make the zoo build a network or a batch that exhausts memory before anything else is checked.
+SIZE_LIMITS: dict[str, int] = {
+    "embedding_dim": 16384, "d_model": 16384, "unet_dim": 4096, "stem_channels": 4096, "headdim": 4096,
+    "attn_head_dim": 4096, "rotary_dim": 4096, "num_heads": 1024, "d_state": 4096, "vss_d_state": 4096, "expand": 64,
+    "vss_expand": 64, "d_conv": 64, "depth": 256, "image_size": 4096, "patch_size": 1024, "num_classes": 1_000_000,
+    "num_identities": 1_000_000, "num_age_groups": 1000, "timesteps": 100_000,
+}
+
+
+def size_problem(name: str, value: Any) -> str | None:
+    limit = SIZE_LIMITS.get(name)
+    if limit is None or not isinstance(value, int) or isinstance(value, bool) or value <= limit:
+        return None
+    return f"must be <= {limit} (a size the zoo bounds, so that no config can ask for unbounded memory)"
+
+
 def check_config(cfg: Any) -> None:
-    """Type and declared range of every field, then the class's cross-field `check()`; raises a ZooError."""
+    """Type, declared range and size limit (`SIZE_LIMITS`) of every field, then the class's cross-field `check()`;
+    raises a ZooError."""
     cls = type(cfg)
     hints, checks = field_types(cls), declared_checks(cls)
     for f in dataclasses.fields(cfg):
@@ -241,6 +260,8 @@ def check_config(cfg: Any) -> None:
         why = type_problem(value, hints[f.name])
         if why is None and value is not None and f.name in checks:
             why = checks[f.name].problem(value)
+        if why is None:
+            why = size_problem(f.name, value)
         if why:
             raise config_error(cfg, f.name, why, value)
     check = getattr(cfg, "check", None)

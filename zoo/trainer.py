@@ -1,9 +1,11 @@
 """The one place a Trainer is built: loggers, checkpointing, progress bar, precision, devices and strategy."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import warnings
 from dataclasses import dataclass
@@ -24,6 +26,44 @@ from callbacks.loop_state import EpochEndResume
 from callbacks.progress import CompactRichProgressBar
 from callbacks.rng_state import RNGStateCallback
 from zoo.errors import ZooError
+
+
+class RunInterrupted(SystemExit):
+    """A run stopped by SIGTERM (a scheduler's preemption or eviction) or SIGINT (Ctrl-C): the process exits with
+    128 + the signal number (143, 130), as shells and schedulers expect of a killed job, never 0."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+
+
+def interrupting_signal(exc: BaseException) -> int | None:
+    """The signal behind an exception out of `trainer.fit` / `validate` / `test`, else None: Lightning turns SIGTERM
+    into a `SIGTERMException` (a SystemExit with status 0) and a KeyboardInterrupt into `sys.exit(1)`."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(exc, SIGTERMException):
+        return signal.SIGTERM
+    if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit)
+                                              and isinstance(exc.__context__, KeyboardInterrupt)):
+        return signal.SIGINT
+    return None
+
+
+@contextlib.contextmanager
+def exit_status_of_signals():
+    """Around a Trainer call: a stop by SIGTERM / SIGINT leaves as `RunInterrupted` (after Lightning's own handling:
+    the crash checkpoint, and under SLURM its requeue handlers, which this does not touch)."""
+    try:
+        yield
+    except RunInterrupted:
+        raise
+    except BaseException as e:
+        signum = interrupting_signal(e)
+        if signum is None:
+            raise
+        raise RunInterrupted(signum) from None
+
 
 CHECKPOINT_ROOT = Path(os.environ.get("ZOO_CHECKPOINT_DIR") or Path(__file__).resolve().parent.parent / "checkpoints")
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from zoo.commands import Command
 from zoo.errors import ZooError
+from zoo.fingerprint import model_fingerprint, short
 from zoo.images import collect_images, load_rgb
 
 
@@ -30,31 +33,67 @@ def run_images(model, paths: list[Path], batch_size: int = 32) -> dict[str, torc
 
 
 # ----- gallery files (safetensors: tensors + JSON metadata, never pickle) -----
-def read_gallery(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """(embeddings (N, E), person name per row) of a gallery file; empty when the file does not exist."""
+@dataclass
+class Gallery:
+    """An enrolled gallery: embeddings (N, E), the person and the image file of each row, and the fingerprint of the
+    model that embedded them (`zoo.fingerprint`; None in galleries written before galleries recorded it, as are
+    `images`)."""
+
+    embeddings: torch.Tensor
+    persons: list[str]
+    model: str | None = None
+    images: list[str] | None = None
+    task: str = "hand"
+
+
+def read_gallery(path: Path) -> Gallery:
+    """The gallery in a file written by `enroll`; empty when the file does not exist."""
     from safetensors import safe_open
 
     if not path.exists():
-        return torch.empty(0, 0), []
+        return Gallery(torch.empty(0, 0), [])
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             emb = f.get_tensor("embeddings")
         names = json.loads(meta.get("persons", "[]"))
+        images = json.loads(meta["images"]) if "images" in meta else None
     except Exception as e:
         raise ZooError(f"--gallery {path}: not a gallery file written by `enroll` ({type(e).__name__}: "
                        f"{str(e)[:120]}). Give another path, or delete it to start a new gallery.") from None
-    if len(names) != len(emb):
+    if len(names) != len(emb) or (images is not None and len(images) != len(emb)):
         raise ZooError(f"--gallery {path}: {len(emb)} embeddings but {len(names)} names; the file is damaged.")
-    return emb, names
+    return Gallery(emb, names, meta.get("model"), images, meta.get("task", "hand"))
 
 
-def write_gallery(path: Path, emb: torch.Tensor, names: list[str], model) -> None:
+def write_gallery(path: Path, gallery: Gallery, model) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"embeddings": emb.contiguous().float()}, str(path),
-              metadata={"persons": json.dumps(names), "task": "hand", "image_size": str(model.cfg.image_size)})
+    meta = {"persons": json.dumps(gallery.persons), "task": "hand", "image_size": str(model.cfg.image_size),
+            "model": gallery.model or "", "images": json.dumps(gallery.images or [])}
+    save_file({"embeddings": gallery.embeddings.contiguous().float()}, str(path), metadata=meta)
+
+
+def check_gallery_model(path: Path, gallery: Gallery, fingerprint: str, ckpt: str, adding: bool) -> None:
+    """Refuse a gallery enrolled by another model (ZooError naming both fingerprints and the fix). A gallery from
+    before fingerprints: a notice when reading it (`adding=False`), a refusal when adding to it."""
+    if gallery.task != "hand":
+        raise ZooError(f"--gallery {path} was enrolled by a '{gallery.task}' model, not a 'hand' model; use a "
+                       f"gallery enrolled with this task.")
+    if not gallery.model:
+        old = (f"--gallery {path} does not record the model that enrolled it (written before galleries did), so it "
+               f"cannot be checked against this model ({short(fingerprint)})")
+        if adding:
+            raise ZooError(f"{old}: adding to it could mix two models. Enroll everyone anew into a new gallery file.")
+        print(f"notice: {old}; its answers are only right if {ckpt} enrolled it. Enroll anew into a new gallery "
+              f"file to have that checked.", file=sys.stderr)
+        return
+    if gallery.model != fingerprint:
+        raise ZooError(f"--gallery {path} was enrolled by model {short(gallery.model)}, not by {ckpt} (model "
+                       f"{short(fingerprint)}): their embeddings are not comparable. Use the checkpoint that enrolled "
+                       f"it, or re-embed its images with this one: `predict.py --ckpt {ckpt} enroll --gallery {path} "
+                       f"--re-enroll`.")
 
 
 def match_gallery(query: torch.Tensor, emb: torch.Tensor, names: list[str]) -> list[tuple[str, float]]:
@@ -78,22 +117,24 @@ def _identify(model, args) -> int:
     from datamodules.hands11k import age_group_names
 
     paths = collect_images(args.images)
+    gallery = None
+    if args.gallery:  # checked before any image is embedded
+        gallery = read_gallery(Path(args.gallery))
+        if not gallery.persons:
+            raise ZooError(f"--gallery {args.gallery}: no such gallery (or it is empty). Enrol people first: "
+                           f"`predict.py --ckpt ... enroll --gallery {args.gallery} --person NAME IMAGES`.")
+        check_gallery_model(Path(args.gallery), gallery, model_fingerprint(model), args.ckpt, adding=False)
     out = run_images(model, paths)
     cfg = model.cfg
     ages, genders = age_group_names(tuple(cfg.age_bins)), list(cfg.gender_names)
     ids = list(cfg.identity_names) or [str(i) for i in range(cfg.num_identities)]
     results = []
-    gallery = None
-    if args.gallery:
-        gallery = read_gallery(Path(args.gallery))
-        if not gallery[1]:
-            raise ZooError(f"--gallery {args.gallery}: no such gallery (or it is empty). Enrol people first: "
-                           f"`predict.py --ckpt ... enroll --gallery {args.gallery} --person NAME IMAGES`.")
-        if gallery[0].shape[1] != out["embedding"].shape[1]:
-            raise ZooError(f"--gallery {args.gallery}: embeddings of size {gallery[0].shape[1]}, this model makes "
-                           f"{out['embedding'].shape[1]}; enrol again with this checkpoint.")
+    if gallery:
+        if gallery.embeddings.shape[1] != out["embedding"].shape[1]:
+            raise ZooError(f"--gallery {args.gallery}: embeddings of size {gallery.embeddings.shape[1]}, this model "
+                           f"makes {out['embedding'].shape[1]}; enrol again with this checkpoint.")
     thr = float(model.threshold) if args.threshold is None else args.threshold
-    matches = match_gallery(out["embedding"], *gallery) if gallery else []
+    matches = match_gallery(out["embedding"], gallery.embeddings, gallery.persons) if gallery else []
     for i, path in enumerate(paths):
         prob = out["identity"][i].softmax(-1)
         k = min(args.top_k, len(prob))
@@ -122,23 +163,49 @@ def _identify(model, args) -> int:
 
 # ----- enroll -----
 def _enroll_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", help="image files or folders of images of this person")
+    p.add_argument("images", nargs="*", help="image files or folders of images of this person")
     p.add_argument("--gallery", required=True, help="gallery file (safetensors; created if absent)")
-    p.add_argument("--person", required=True, help="the person's name")
+    p.add_argument("--person", default=None, help="the person's name (needed with images)")
+    p.add_argument("--re-enroll", action="store_true", help="first re-embed every image the gallery holds with this "
+                   "checkpoint (from the image paths it recorded), e.g. after training a new model")
 
 
 def _enroll(model, args) -> int:
     path = Path(args.gallery)
-    paths = collect_images(args.images)
-    emb, names = read_gallery(path)
-    new = run_images(model, paths)["embedding"]
-    if len(names) and emb.shape[1] != new.shape[1]:
-        raise ZooError(f"--gallery {path}: embeddings of size {emb.shape[1]}, this model makes {new.shape[1]}; use "
-                       f"a new gallery file for this checkpoint.")
-    emb = torch.cat([emb, new]) if len(names) else new
-    names = names + [args.person] * len(new)
-    write_gallery(path, emb, names, model)
-    print(f"enrolled {len(new)} image(s) of {args.person!r} in {path} ({len(set(names))} people, {len(names)} images)")
+    if not args.re_enroll and not args.images:
+        raise ZooError("enroll needs images of the person (files or folders), or --re-enroll to re-embed the gallery.")
+    if args.images and not args.person:
+        raise ZooError("enroll needs --person NAME for the images given.")
+    paths = collect_images(args.images) if args.images else []
+    fingerprint = model_fingerprint(model)
+    gallery = read_gallery(path)
+    if args.re_enroll and not gallery.persons and not paths:
+        raise ZooError(f"--gallery {path}: no such gallery (or it is empty); nothing to re-enroll.")
+    if args.re_enroll and gallery.persons:
+        if not gallery.images:
+            raise ZooError(f"--gallery {path} --re-enroll: the gallery does not record its images (written before "
+                           f"galleries did). Enroll everyone anew into a new gallery file.")
+        missing = [p for p in gallery.images if not Path(p).is_file()]
+        if missing:
+            raise ZooError(f"--gallery {path} --re-enroll: {len(missing)} enrolled image(s) are gone, e.g. "
+                           f"{missing[0]}. Put them back, or enroll anew into a new gallery file.")
+        embeddings = run_images(model, [Path(p) for p in gallery.images])["embedding"]
+        gallery = Gallery(embeddings, gallery.persons, fingerprint, gallery.images)
+        print(f"re-embedded {len(gallery.persons)} image(s) of {path} with model {short(fingerprint)}")
+    elif gallery.persons:
+        check_gallery_model(path, gallery, fingerprint, args.ckpt, adding=True)
+    if paths:
+        new = run_images(model, paths)["embedding"]
+        if gallery.persons and gallery.embeddings.shape[1] != new.shape[1]:
+            raise ZooError(f"--gallery {path}: embeddings of size {gallery.embeddings.shape[1]}, this model makes "
+                           f"{new.shape[1]}; use a new gallery file for this checkpoint.")
+        gallery = Gallery(torch.cat([gallery.embeddings, new]) if gallery.persons else new,
+                          gallery.persons + [args.person] * len(new), fingerprint,
+                          (gallery.images or []) + [str(p.resolve()) for p in paths])
+    write_gallery(path, gallery, model)
+    if paths:
+        print(f"enrolled {len(paths)} image(s) of {args.person!r} in {path} ({len(set(gallery.persons))} people, "
+              f"{len(gallery.persons)} images)")
     return 0
 
 
