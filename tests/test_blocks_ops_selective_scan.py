@@ -232,14 +232,16 @@ def test_segment_length_rule(monkeypatch):
     assert scan.segment_length(3136, 4 * 768 * 16 * 4) == 64
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("groups,seg", [(0, 1), (2, 7), (0, 15), (2, 16), (0, 74), (2, 75)])
-def test_time_segments_match_the_reference(mamba_ref, monkeypatch, groups, seg):
-    """Long inputs are scanned in time segments with the state carried across, and the backward recomputes each
-    segment's states from the state entering it: force `seg`-row segments at L=75 (1 and 75: the extremes; 7, 16
-    and 74 leave a shorter last segment) and check outputs, final state and all gradients."""
+def test_time_segments_match_the_reference(mamba_ref, monkeypatch, groups, seg, recompute):
+    """Long inputs are scanned in time segments with the state carried across, and (recompute) the backward
+    recomputes each segment's states from the state entering it: force `seg`-row segments at L=75 (1 and 75: the
+    extremes; 7, 16 and 74 leave a shorter last segment) and check outputs, final state and all gradients."""
     from models.blocks.ops import selective_scan as scan
 
     monkeypatch.setattr(scan, "segment_length", lambda length, row_bytes: seg)
+    monkeypatch.setattr(scan, "RECOMPUTE_BYTES", 0 if recompute else 2**40)
     inputs = make_inputs(2, 4, 5, 75, groups, torch.float64, seed=21)
     (out, last, grads), (rout, rlast, rgrads) = run_both(selective_scan_fn, mamba_ref.selective_scan_ref, inputs,
                                                          {"delta_softplus": True}, torch.float64)
@@ -257,6 +259,7 @@ def test_time_segments_with_initial_state(monkeypatch, seg):
 
     inputs = {k: v.detach() for k, v in make_inputs(2, 4, 3, 40, 2, torch.float64, seed=5).items() if v is not None}
     h0 = torch.randn(2, 4, 3, dtype=torch.float64)
+    monkeypatch.setattr(scan, "RECOMPUTE_BYTES", 0)
     results = []
     for rows in (seg, 40):
         monkeypatch.setattr(scan, "segment_length", lambda length, row_bytes, rows=rows: rows)

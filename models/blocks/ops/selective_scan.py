@@ -14,7 +14,9 @@ decays are formed (never a division by a cumulative decay), so decays that under
 hand-written `autograd.Function`: one reverse scan of the same kind gives dL/dx for all steps, and every input
 gradient is a local product with it. Computation is in float32 (float64 stays float64); bf16/fp16 inputs are upcast
 and the outputs cast back, as the CUDA kernel does. Memory: the states and the decays, two (L, B, D, N) tensors
-in the compute dtype, are kept for the backward; time and memory are linear in L.
+in the compute dtype, are kept for the backward up to RECOMPUTE_BYTES; a larger scan keeps only the state entering
+each time segment and its backward recomputes one segment's states at a time from it, last segment first (memory:
+one segment's states, ~12 MB, instead of 2 x L rows). Time is linear in L.
 """
 from __future__ import annotations
 
@@ -235,6 +237,12 @@ class _SegmentedScanTM(torch.autograd.Function):
 SEGMENT_BYTES = 12 * 2**20
 
 
+# A scan whose states (L rows) take more than this many bytes keeps only each segment's first state for the backward
+# and recomputes the segment's states there (memory: one segment's states instead of all, for ~1.3x the scan's
+# backward work); below it, every segment keeps its states (short sequences: no recomputation).
+RECOMPUTE_BYTES = 64 * 2**20
+
+
 def segment_length(length: int, row_bytes: int) -> int:
     """Rows per time segment: ~SEGMENT_BYTES of state, at least 16 rows, and segments of near-equal length."""
     rows = max(16, SEGMENT_BYTES // max(row_bytes, 1))
@@ -272,11 +280,20 @@ def selective_scan_tm(
     delta_g = prep(rearrange(delta, "l b (g h) -> l b g h", g=groups))
     A_g = prep(rearrange(A, "(g h) n -> g h n", g=groups))
     B, C = prep(B), prep(C)
-    seg = segment_length(u_g.shape[0], u_g[0].numel() * A.shape[-1] * u_g.element_size())
-    if seg >= u_g.shape[0]:
+    row_bytes = u_g[0].numel() * A.shape[-1] * u_g.element_size()
+    seg = segment_length(u_g.shape[0], row_bytes)
+    length = u_g.shape[0]
+    if seg >= length:
         y, last = _SelectiveScanTM.apply(u_g, delta_g, A_g, B, C, last)
-    else:  # time segments, the state carried across, recomputed in the backward (see SEGMENT_BYTES)
+    elif length * row_bytes > RECOMPUTE_BYTES:  # segments, states recomputed in the backward (see SEGMENT_BYTES)
         y, last = _SegmentedScanTM.apply(u_g, delta_g, A_g, B, C, last, seg)
+    else:  # segments, each keeping its states (no recomputation: the states are small)
+        ys = []
+        for s in range(0, length, seg):
+            t = slice(s, s + seg)
+            y, last = _SelectiveScanTM.apply(u_g[t], delta_g[t], A_g, B[t], C[t], last)
+            ys.append(y)
+        y = torch.cat(ys)
     y = rearrange(y, "l b g h -> l b (g h)")
     if D is not None:
         y = y + u.to(cd) * D.to(cd)
