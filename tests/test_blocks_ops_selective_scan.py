@@ -165,10 +165,15 @@ def test_strong_decay_is_stable():
 
 @pytest.mark.parametrize("length", [1, 2, 5, 16, 33, 100])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_linear_scan_matches_a_loop(length, reverse):
+@pytest.mark.parametrize("width", [3, 8192])  # the parallel scan; rows wide enough for the loop over time
+def test_linear_scan_matches_a_loop(length, reverse, width):
+    from models.blocks.ops import selective_scan as scan
+
+    assert (width >= scan.SEQUENTIAL_ROW_ELEMENTS) == (width == 8192)
     g = torch.Generator().manual_seed(length)
-    a, b = torch.rand(length, 3, generator=g, dtype=torch.float64), torch.randn(length, 3, generator=g, dtype=torch.float64)
-    ref, h = torch.empty_like(b), torch.zeros(3, dtype=torch.float64)
+    a = torch.rand(length, width, generator=g, dtype=torch.float64)
+    b = torch.randn(length, width, generator=g, dtype=torch.float64)
+    ref, h = torch.empty_like(b), torch.zeros(width, dtype=torch.float64)
     for t in (range(length - 1, -1, -1) if reverse else range(length)):
         h = a[t] * h + b[t]
         ref[t] = h
@@ -216,18 +221,54 @@ def test_kernel_route_gets_every_argument(mamba_ref):
     torch.testing.assert_close(last_k, last, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("groups", [0, 2])
-def test_time_segments_match_the_reference(mamba_ref, monkeypatch, groups):
-    """Long inputs are scanned in time segments with the state carried across: force 16-row segments (L=75 ->
-    5 segments of 15) and check outputs, final state and all gradients."""
+def test_segment_length_rule(monkeypatch):
+    """The automatic rule: segments of near-equal length, at least 16 rows, one segment when the state fits."""
     from models.blocks.ops import selective_scan as scan
 
     monkeypatch.setattr(scan, "SEGMENT_BYTES", 1)
     assert scan.segment_length(75, 10**6) == 15
+    monkeypatch.setattr(scan, "SEGMENT_BYTES", 12 * 2**20)
+    assert scan.segment_length(197, 1000) == 197
+    assert scan.segment_length(3136, 4 * 768 * 16 * 4) == 64
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("groups,seg", [(0, 1), (2, 7), (0, 15), (2, 16), (0, 74), (2, 75)])
+def test_time_segments_match_the_reference(mamba_ref, monkeypatch, groups, seg, recompute):
+    """Long inputs are scanned in time segments with the state carried across, and (recompute) the backward
+    recomputes each segment's states from the state entering it: force `seg`-row segments at L=75 (1 and 75: the
+    extremes; 7, 16 and 74 leave a shorter last segment) and check outputs, final state and all gradients."""
+    from models.blocks.ops import selective_scan as scan
+
+    monkeypatch.setattr(scan, "segment_length", lambda length, row_bytes: seg)
+    monkeypatch.setattr(scan, "RECOMPUTE_BYTES", 0 if recompute else 2**40)
     inputs = make_inputs(2, 4, 5, 75, groups, torch.float64, seed=21)
     (out, last, grads), (rout, rlast, rgrads) = run_both(selective_scan_fn, mamba_ref.selective_scan_ref, inputs,
                                                          {"delta_softplus": True}, torch.float64)
     assert_close(out, rout, 1e-6, "out")
     assert_close(last, rlast, 1e-6, "last state")
+    assert set(grads) == set(rgrads)
     for name in grads:
         assert_close(grads[name], rgrads[name], 1e-6, f"d{name}")
+
+
+@pytest.mark.parametrize("seg", [1, 6, 13])
+def test_time_segments_with_initial_state(monkeypatch, seg):
+    """With an initial state, segmented (recomputing) and single-segment scans agree, d(initial state) included."""
+    from models.blocks.ops import selective_scan as scan
+
+    inputs = {k: v.detach() for k, v in make_inputs(2, 4, 3, 40, 2, torch.float64, seed=5).items() if v is not None}
+    h0 = torch.randn(2, 4, 3, dtype=torch.float64)
+    monkeypatch.setattr(scan, "RECOMPUTE_BYTES", 0)
+    results = []
+    for rows in (seg, 40):
+        monkeypatch.setattr(scan, "segment_length", lambda length, row_bytes, rows=rows: rows)
+        leaves = {k: v.clone().requires_grad_() for k, v in {**inputs, "initial_state": h0}.items()}
+        out, last = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True)
+        (out.sin().sum() + last.square().sum()).backward()
+        results.append((out, last, {k: v.grad for k, v in leaves.items()}))
+    (out, last, grads), (rout, rlast, rgrads) = results
+    assert_close(out, rout, 1e-10, "out")
+    assert_close(last, rlast, 1e-10, "last state")
+    for name in rgrads:
+        assert_close(grads[name], rgrads[name], 1e-10, f"d{name}")

@@ -71,8 +71,15 @@ def test_parameter_shapes_are_vmamba_v0():
     torch.testing.assert_close(m.A_logs[5].exp(), torch.arange(1, 17.0))
 
 
-@pytest.mark.parametrize("hw", [(H, W), (1, 1), (3, 3)])
-def test_matches_vmamba_v0_reference(mamba_ref, hw):
+@pytest.mark.parametrize("hw,seg", [((H, W), None), ((1, 1), None), ((3, 3), None), ((H, W), 8), ((H, W), 16)])
+def test_matches_vmamba_v0_reference(mamba_ref, monkeypatch, hw, seg):
+    """seg: force time segments of that many rows with the recomputing backward (what a 56x56 map gets at batch 4;
+    8 and 16 do not divide L = 35)."""
+    if seg is not None:
+        from models.blocks.ops import selective_scan as scan
+
+        monkeypatch.setattr(scan, "segment_length", lambda length, row_bytes: seg)
+        monkeypatch.setattr(scan, "RECOMPUTE_BYTES", 0)
     torch.manual_seed(0)
     m = SS2D(C)
     with torch.no_grad():  # move off the init so that every path matters

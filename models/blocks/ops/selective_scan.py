@@ -14,7 +14,9 @@ decays are formed (never a division by a cumulative decay), so decays that under
 hand-written `autograd.Function`: one reverse scan of the same kind gives dL/dx for all steps, and every input
 gradient is a local product with it. Computation is in float32 (float64 stays float64); bf16/fp16 inputs are upcast
 and the outputs cast back, as the CUDA kernel does. Memory: the states and the decays, two (L, B, D, N) tensors
-in the compute dtype, are kept for the backward; time and memory are linear in L.
+in the compute dtype, are kept for the backward up to RECOMPUTE_BYTES; a larger scan keeps only the state entering
+each time segment and its backward recomputes one segment's states at a time from it, last segment first (memory:
+one segment's states, ~12 MB, instead of 2 x L rows). Time is linear in L.
 """
 from __future__ import annotations
 
@@ -68,14 +70,26 @@ def _linear_scan_clobber_(a: Tensor, x: Tensor, reverse: bool = False) -> Tensor
     return x
 
 
+# Rows of at least this many elements are scanned one row after the other (one pass over the data, the previous row
+# still in cache); narrower rows by the parallel scan (2 * log2(L) vectorised steps, whose per-call overhead a row
+# loop cannot amortise). Crossover measured on the CPU, one thread: ~6k elements per row.
+SEQUENTIAL_ROW_ELEMENTS = 8192
+
+
 def linear_scan_(a: Tensor, x: Tensor, reverse: bool = False) -> Tensor:
     """In-place first-order linear recurrence along dim 0: x[t] <- a[t] * x[t-1] + x[t] (x[-1] = 0); returns x.
 
     With `reverse`, x[t] <- a[t] * x[t+1] + x[t] (x[L] = 0). `a` and `x`: same shape (L, ...), contiguous; `a` is
-    left unchanged (one temporary of L/2 rows holds the pair products).
+    left unchanged (the parallel scan's temporary of L/2 rows holds the pair products). Rows of at least
+    SEQUENTIAL_ROW_ELEMENTS elements go through a loop over time instead.
     """
     length = x.shape[0]
     if length < 2:
+        return x
+    if x[0].numel() >= SEQUENTIAL_ROW_ELEMENTS:  # wide rows: one fused multiply-add per row, a single pass
+        steps = range(length - 2, -1, -1) if reverse else range(1, length)
+        for t in steps:
+            x[t].addcmul_(a[t], x[t + 1 if reverse else t - 1])
         return x
     n = length // 2
     first, second = _rows(x, 0, 2, n, reverse), _rows(x, 1, 2, n, reverse)
@@ -105,24 +119,61 @@ def _decays_(delta: Tensor, A: Tensor, out: Tensor) -> Tensor:
     return out.clamp_(min=-87.0 if out.dtype != torch.float64 else -708.0).exp_()
 
 
-class _SelectiveScanTM(torch.autograd.Function):
-    """Core scan on time-major, contiguous, compute-dtype tensors (see `selective_scan_tm`).
+def _states(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """States x (L, b, g, h, n) of one segment from its first state h0, and the decays with one extra zero row
+    (L + 1, ...): the reverse scan of the backward uses decay[t+1] at t."""
+    shape = delta.shape + A.shape[-1:]  # (L, b, g, h, n)
+    length = shape[0]
+    decay_ext = torch.empty((length + 1,) + shape[1:], dtype=u.dtype, device=u.device)
+    decay = _decays_(delta, A, decay_ext[:length])
+    decay_ext[length].zero_()
+    x = torch.empty(shape, dtype=u.dtype, device=u.device)
+    torch.mul((delta * u).unsqueeze(-1), B.unsqueeze(-2), out=x)
+    if h0 is not None:
+        x[0].addcmul_(decay[0], h0)
+    linear_scan_(decay, x)
+    return x, decay_ext
 
-    Saves the states x and the decays (one extra zero row: the reverse scan of the backward uses decay[t+1] at t).
+
+def _grads(dy, dlast, u, delta, A, B, C, h0, x, decay_ext, clobber=False):
+    """Input gradients of one segment from its states: (du, ddelta, dA, dB, dC, dh0); with `clobber`, `x` and
+    `decay_ext` are overwritten (two fewer state-sized buffers)."""
+    length = x.shape[0]
+    decay = decay_ext[:length]
+    dC = _sum_over_h(x, dy)
+    # g[t] = dLoss/dx[t] = C[t] dy[t] + decay[t+1] g[t+1]
+    g = torch.empty_like(x)
+    torch.mul(dy.unsqueeze(-1), C.unsqueeze(-2), out=g)
+    if dlast is not None:
+        g[-1].add_(dlast)
+    linear_scan_(decay_ext[1:], g, reverse=True)
+    dh0 = None if h0 is None else decay[0] * g[0]
+    dB = _sum_over_h(g, delta * u)
+    # dLoss/d(delta * A)[t] = g[t] * decay[t] * x[t-1]  (x[-1] = h0), formed in place of decay[t] (t >= 1).
+    dlog = decay if clobber else torch.empty_like(decay)
+    torch.mul(decay[1:], x[:-1], out=dlog[1:])
+    if h0 is None:
+        dlog[0].zero_()
+    else:
+        torch.mul(decay[0], h0, out=dlog[0])
+    dlog.mul_(g)
+    work = x if clobber else torch.empty_like(x)
+    gB = torch.mul(g, B.unsqueeze(-2), out=work).sum(-1)
+    dA = torch.mul(dlog, delta.unsqueeze(-1), out=g).sum((0, 1))
+    ddelta = torch.mul(dlog, A, out=g).sum(-1).addcmul_(gB, u)
+    du = gB.mul_(delta)
+    return du, ddelta, dA, dB, dC, dh0
+
+
+class _SelectiveScanTM(torch.autograd.Function):
+    """Core scan on time-major, contiguous, compute-dtype tensors, one segment (see `selective_scan_tm`).
+
+    Saves the states x and the decays for the backward.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0):
-        shape = delta.shape + A.shape[-1:]  # (L, b, g, h, n)
-        length = shape[0]
-        decay_ext = torch.empty((length + 1,) + shape[1:], dtype=u.dtype, device=u.device)
-        decay = _decays_(delta, A, decay_ext[:length])
-        decay_ext[length].zero_()
-        x = torch.empty(shape, dtype=u.dtype, device=u.device)
-        torch.mul((delta * u).unsqueeze(-1), B.unsqueeze(-2), out=x)
-        if h0 is not None:
-            x[0].addcmul_(decay[0], h0)
-        linear_scan_(decay, x)
+        x, decay_ext = _states(u, delta, A, B, h0)
         y = _sum_n(x, C, torch.empty_like(x))
         ctx.save_for_backward(u, delta, A, B, C, h0, x, decay_ext)
         return y, x[-1].clone()
@@ -130,37 +181,66 @@ class _SelectiveScanTM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, h0, x, decay_ext = ctx.saved_tensors
-        length = x.shape[0]
-        decay = decay_ext[:length]
-        # g[t] = dLoss/dx[t] = C[t] dy[t] + decay[t+1] g[t+1]
-        g = torch.empty_like(x)
-        torch.mul(dy.unsqueeze(-1), C.unsqueeze(-2), out=g)
-        if dlast is not None:
-            g[-1].add_(dlast)
-        linear_scan_(decay_ext[1:], g, reverse=True)
-        dh0 = None if h0 is None else decay[0] * g[0]
-        dC = _sum_over_h(x, dy)
-        dB = _sum_over_h(g, delta * u)
-        work = torch.empty_like(x)
-        gB = _sum_n(g, B, work)
-        # dLoss/d(delta * A)[t] = g[t] * decay[t] * x[t-1]  (x[-1] = h0)
-        dlog = work
-        torch.mul(decay[1:], x[:-1], out=dlog[1:])
-        if h0 is None:
-            dlog[0].zero_()
-        else:
-            torch.mul(decay[0], h0, out=dlog[0])
-        dlog.mul_(g)
-        dA = torch.mul(dlog, delta.unsqueeze(-1), out=g).sum((0, 1))
-        ddelta = torch.mul(dlog, A, out=g).sum(-1).addcmul_(gB, u)
-        du = gB.mul_(delta)
-        return du, ddelta, dA, dB, dC, dh0
+        return _grads(dy.contiguous(), dlast, u, delta, A, B, C, h0, x, decay_ext)
+
+
+class _SegmentedScanTM(torch.autograd.Function):
+    """The same scan in time segments of `seg` rows, the state carried from one to the next, with a backward that
+    recomputes: the forward keeps only its inputs and the state entering each segment; the backward re-runs each
+    segment's states from that state, last segment first, and carries the state gradient backwards. Memory: one
+    segment's states instead of all L rows (for about one more forward scan of work)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, seg):
+        length = u.shape[0]
+        y = u.new_empty(u.shape)
+        firsts = []
+        last = h0
+        scratch = None
+        for s in range(0, length, seg):
+            t = slice(s, s + seg)
+            firsts.append(last)
+            x, _ = _states(u[t], delta[t], A, B[t], last)
+            if scratch is None or scratch.shape != x.shape:
+                scratch = torch.empty_like(x)
+            torch.sum(torch.mul(x, C[t].unsqueeze(-2), out=scratch), -1, out=y[t])
+            last = x[-1].clone()
+        ctx.seg = seg
+        ctx.save_for_backward(u, delta, A, B, C, *firsts)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, *firsts = ctx.saved_tensors
+        seg, length = ctx.seg, u.shape[0]
+        dy = dy.contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        dA = torch.zeros_like(A)
+        dstate = dlast
+        starts = list(range(0, length, seg))
+        for i in reversed(range(len(starts))):
+            t = slice(starts[i], starts[i] + seg)
+            h0 = firsts[i]
+            x, decay_ext = _states(u[t], delta[t], A, B[t], h0)
+            grads = _grads(dy[t], dstate, u[t], delta[t], A, B[t], C[t], h0, x, decay_ext, clobber=True)
+            for out, grad in zip((du[t], ddelta[t], dB[t], dC[t]), (grads[0], grads[1], grads[3], grads[4])):
+                out.copy_(grad)
+            dA += grads[2]
+            dstate = grads[5]
+        return du, ddelta, dA, dB, dC, dstate, None
 
 
 # Long sequences are scanned in time segments of about this many bytes of state each (a few, each a parallel scan,
 # the state carried from one to the next): measured 2x faster at L >= 1024 on the CPU, as the working set stays in
 # cache and the buffers stay below glibc's mmap threshold (so they are not page-faulted in afresh on every call).
 SEGMENT_BYTES = 12 * 2**20
+
+
+# A scan whose states (L rows) take more than this many bytes keeps only each segment's first state for the backward
+# and recomputes the segment's states there (memory: one segment's states instead of all, for ~1.3x the scan's
+# backward work); below it, every segment keeps its states (short sequences: no recomputation).
+RECOMPUTE_BYTES = 64 * 2**20
 
 
 def segment_length(length: int, row_bytes: int) -> int:
@@ -200,13 +280,21 @@ def selective_scan_tm(
     delta_g = prep(rearrange(delta, "l b (g h) -> l b g h", g=groups))
     A_g = prep(rearrange(A, "(g h) n -> g h n", g=groups))
     B, C = prep(B), prep(C)
-    seg = segment_length(u_g.shape[0], u_g[0].numel() * A.shape[-1] * u_g.element_size())
-    ys = []
-    for s in range(0, u_g.shape[0], seg):  # time segments, the state carried across (see SEGMENT_BYTES)
-        t = slice(s, s + seg)
-        y, last = _SelectiveScanTM.apply(u_g[t], delta_g[t], A_g, B[t], C[t], last)
-        ys.append(y)
-    y = rearrange(torch.cat(ys) if len(ys) > 1 else ys[0], "l b g h -> l b (g h)")
+    row_bytes = u_g[0].numel() * A.shape[-1] * u_g.element_size()
+    seg = segment_length(u_g.shape[0], row_bytes)
+    length = u_g.shape[0]
+    if seg >= length:
+        y, last = _SelectiveScanTM.apply(u_g, delta_g, A_g, B, C, last)
+    elif length * row_bytes > RECOMPUTE_BYTES:  # segments, states recomputed in the backward (see SEGMENT_BYTES)
+        y, last = _SegmentedScanTM.apply(u_g, delta_g, A_g, B, C, last, seg)
+    else:  # segments, each keeping its states (no recomputation: the states are small)
+        ys = []
+        for s in range(0, length, seg):
+            t = slice(s, s + seg)
+            y, last = _SelectiveScanTM.apply(u_g[t], delta_g[t], A_g, B[t], C[t], last)
+            ys.append(y)
+        y = torch.cat(ys)
+    y = rearrange(y, "l b g h -> l b (g h)")
     if D is not None:
         y = y + u.to(cd) * D.to(cd)
     if z is not None:
