@@ -1,9 +1,10 @@
 """Reading checkpoints as data (never code), finding a model's latest run, and opening any zoo checkpoint by its task.
 
 Every file the zoo reads with `torch.load` (checkpoints, token-label maps, galleries, converted upstream weights) goes
-through `safe_load`: a weights-only unpickler that builds tensors, plain containers, numbers, strings and the few
-types in `SAFE_GLOBALS`, and refuses anything else *before* creating it, naming the type. A user who trusts such a
-file passes `--trust-checkpoint` (train.py, predict.py, the DeMansia 2 converter); nothing does that by default.
+through `safe_load`: weights-only (tensors, plain containers, numbers, strings and the few types in
+`SAFE_GLOBALS`); a file that holds other classes (released checkpoints pickle their configs) is read with inert
+placeholders in their place (`zoo.safe_load`), never importing or calling them, and says so in one line. `--resume`
+stays strictly weights-only (refusing, naming the type). Full pickle only with `--trust-checkpoint`.
 
 A `.safetensors` file written by `predict.py --ckpt X export --format safetensors` (weights + task + config as JSON
 metadata, no pickle at all) opens with `load_model` and `predict.py` like a `.ckpt`.
@@ -14,6 +15,7 @@ import contextlib
 import json
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,16 +64,24 @@ def refusal(path: str | Path, types: list[str], what: str = "checkpoint", flag: 
                     f"author for a .safetensors export or a checkpoint saved with plain tensors.")
 
 
-def safe_load(path: str | Path, what: str = "checkpoint", trust: bool = False, flag: str = TRUST_FLAG) -> Any:
-    """`torch.load` on the CPU that cannot run code: weights-only with `SAFE_GLOBALS`, unless `trust`.
+def safe_load(path: str | Path, what: str = "checkpoint", trust: bool = False, flag: str = TRUST_FLAG,
+              placeholders: bool = True) -> Any:
+    """`torch.load` on the CPU that cannot run code: the one reader of every file from elsewhere.
+
+    Weights-only (with `SAFE_GLOBALS`) first. A file that also holds other classes (a yacs `CfgNode` config, an
+    `argparse.Namespace`, Lightning's `AttributeDict`, a `functools.partial`, ...) is read by
+    `zoo.safe_load.read_as_data`, which puts an inert placeholder in place of each such object, never importing or
+    calling its class, and one line on stderr names the classes it stood in for.
 
     Args:
         path: a file written by `torch.save`.
         what: how error messages name the file ("checkpoint", "token label file", ...).
         trust: load with full pickle (only for files the user explicitly trusts, via `flag`).
         flag: the command-line switch that sets `trust`, named in the refusal message.
+        placeholders: False = weights-only strictly (e.g. `--resume`, whose file Lightning reads again): a file with
+            other classes is refused, naming them.
     Raises:
-        ZooError: the file needs a type outside the allow-list (named), or does not exist.
+        ZooError: the file needs a type outside the allow-list (named) and `placeholders` is off, or does not exist.
         Other exceptions of `torch.load` (corrupt files) propagate; callers word them.
     """
     path = Path(path)
@@ -79,14 +89,23 @@ def safe_load(path: str | Path, what: str = "checkpoint", trust: bool = False, f
         raise ZooError(f"{what.capitalize()} not found: {path}.")
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        with safe_globals():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        types = unsafe_types(path) or re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if not types:  # not a refused type: the file is corrupt or not a torch file; callers word that
-            raise
-        raise refusal(path, types, what, flag) from None
+    types = unsafe_types(path)  # read from the pickle's opcodes, nothing built
+    if not types:
+        try:
+            with safe_globals():
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            types = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) or unsafe_types(path)
+            if not types:  # not a refused type: the file is corrupt or not a torch file; callers word that
+                raise
+    if not placeholders:
+        raise refusal(path, types, what, flag)
+    from zoo.safe_load import read_as_data, stood_in_line
+
+    obj, stood_in = read_as_data(path)
+    if stood_in:
+        print(stood_in_line(path, stood_in), file=sys.stderr)
+    return obj
 
 
 def is_safetensors(path: str | Path) -> bool:
@@ -114,7 +133,7 @@ def read_checkpoint(path: str | Path, trust: bool = False, for_predict: bool = F
                            f"predict.py.")
         return read_safetensors(path)
     try:
-        ckpt = safe_load(path, "checkpoint", trust=trust)
+        ckpt = safe_load(path, "checkpoint", trust=trust, placeholders=not weights_for)
     except ZooError:
         raise
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
