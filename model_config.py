@@ -244,6 +244,7 @@ class DeMansia2Config(BaseConfig):
     headdim: int = 24
     chunk_size: int = 64
     scan_mode: Literal["bidirectional", "legacy"] = "bidirectional"  # legacy = published channel-flip mixer
+    pretrained: bool = False  # start from the released Tiny EMA weights (needs --preset tiny,published; zoo.pretrained)
     patch_size: int = 8  # stride of the stem's projection (total stride = 2 * patch_size)
     stem: Literal["lvvit", "early_conv"] = "lvvit"  # lvvit = published 4-conv stem; early_conv = stride-2 3x3 stages
     stem_channels: int = 64  # lvvit: width of its convs; early_conv: width of the first stage (doubling per stage)
@@ -502,6 +503,7 @@ class HandConfig(BaseConfig):
     backbone: str = "vmamba"  # vmamba = the VMamba v0 encoder; any timm name = its levels at strides 4-32, projected
     pretrained: bool = False  # timm backbone: the published weights (local cache, else downloaded unless offline)
     pretrained_ckpt: str | None = None  # VMamba v0 ImageNet checkpoint (.pth, its `model` entry) for the encoder
+    pretrained_ema: bool = False  # take the release's EMA weights (`model_ema`) instead of `model`
     drop_path: float = 0.1
     decoder: bool = True  # the SUM U-Net decoder (its features feed the heads, its output the silhouette)
     head: Literal["multiscale", "published"] = "multiscale"  # published = sigmoid, flatten, three MLP heads

@@ -108,6 +108,47 @@ def safe_load(path: str | Path, what: str = "checkpoint", trust: bool = False, f
     return obj
 
 
+def read_state_dict(path: str | Path, entries: tuple[str, ...] = ("state_dict", "model"), what: str = "checkpoint",
+                    trust: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a released weight file, read through `safe_load` (or safetensors, no pickle at all).
+
+    The first of `entries` the file holds is used (e.g. ("model_ema", "model") for VMamba's v0 release); a file that
+    is itself a flat name -> tensor dict (`torch.save(model.state_dict())`, `model.safetensors`) is used as it is.
+    A DataParallel `module.` prefix is removed. Non-tensor values (e.g. a `num_batches_tracked` int) are dropped.
+
+    Raises:
+        ZooError: the file is missing, unreadable, or holds none of `entries` (the message names what it holds).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"{what} {path}: file not found.")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import load_file
+
+        try:
+            raw: Any = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
+            raise ZooError(f"{what} {path}: cannot read it ({type(e).__name__}: {str(e)[:160]}); is it complete?"
+                           ) from None
+    else:
+        try:
+            raw = safe_load(path, what, trust=trust)
+        except ZooError:
+            raise
+        except Exception as e:  # noqa: BLE001 - corrupt / truncated / not a torch file
+            raise ZooError(f"{what} {path}: cannot read it ({type(e).__name__}: {str(e)[:160]}). The file is "
+                           f"corrupt, cut off while downloading, or not a torch checkpoint.") from None
+    if not isinstance(raw, dict):
+        raise ZooError(f"{what} {path}: holds a {type(raw).__name__}, not a dict of weights.")
+    state = next((raw[e] for e in entries if isinstance(raw.get(e), dict)), None)
+    if state is None:
+        if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+            state = raw
+        else:
+            raise ZooError(f"{what} {path}: none of {list(entries)} in it; it holds {sorted(map(str, raw))[:12]}.")
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 def is_safetensors(path: str | Path) -> bool:
     return Path(path).suffix == SAFETENSORS_SUFFIX
 

@@ -87,12 +87,16 @@ def _plain_globals() -> dict[str, Any]:
                     collections.defaultdict, "collections.deque": collections.deque, "collections.Counter":
                     collections.Counter, "__builtin__.set": set})
     try:
+        import importlib
+
         import numpy as np
 
-        from numpy.core import multiarray  # noqa: F401  - numpy 1 and 2 both provide this path (2: a shim)
-        reconstruct, scalar = np.core.multiarray._reconstruct, np.core.multiarray.scalar
+        try:
+            multiarray = importlib.import_module("numpy._core.multiarray")  # numpy 2 (numpy.core warns there)
+        except ImportError:
+            multiarray = importlib.import_module("numpy.core.multiarray")
         for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            allowed[f"{mod}._reconstruct"], allowed[f"{mod}.scalar"] = reconstruct, scalar
+            allowed[f"{mod}._reconstruct"], allowed[f"{mod}.scalar"] = multiarray._reconstruct, multiarray.scalar
         allowed.update({"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype})
     except Exception:  # noqa: BLE001 - numpy absent or reorganised: its arrays become placeholders
         pass

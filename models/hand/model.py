@@ -29,7 +29,6 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from models.blocks import VSSBlock, vmamba_key_map
-from zoo.errors import ZooError
 
 # VMamba v0 sizes (UPSTREAM.md); micro is a CPU-sized model of the same layout.
 ENCODERS: dict[str, dict[str, Any]] = {
@@ -160,21 +159,15 @@ class VMambaV0(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def load_vmamba_v0(encoder: VMambaV0, source: str | dict[str, Tensor]) -> dict[str, list[str]]:
-    """Load VMamba v0 weights (a checkpoint path, read with weights_only=True, whose `model` entry is used; or a
-    state_dict) into `encoder` through `vmamba_key_map`. Returns {"missing": [...], "unexpected": [...],
-    "mismatched": [...]}: the encoder keys not loaded, the checkpoint keys not used (e.g. `head.*` for another class
-    count), and those with a different shape (skipped)."""
+def load_vmamba_v0(encoder: VMambaV0, source: str | dict[str, Tensor], ema: bool = False) -> dict[str, list[str]]:
+    """Load VMamba v0 weights (a release file, read as data by `zoo.checkpoint.read_state_dict`: its `model` entry,
+    or `model_ema` with `ema`; or a state_dict) into `encoder` through `vmamba_key_map`. Returns {"missing": [...],
+    "unexpected": [...], "mismatched": [...]}: the encoder keys not loaded, the checkpoint keys not used (e.g.
+    `head.*` for another class count), and those with a different shape (skipped)."""
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        try:
-            ckpt = torch.load(source, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ZooError(f"pretrained_ckpt {source}: file not found. Give the path of VMamba's v0 checkpoint "
-                           f"(vssmtiny_dp01_ckpt_epoch_292.pth / vssmsmall_dp03_ckpt_epoch_238.pth).") from None
-        except Exception as e:
-            raise ZooError(f"pretrained_ckpt {source}: cannot read it safely ({type(e).__name__}: {str(e)[:160]}). "
-                           f"Only tensor checkpoints are accepted (weights_only=True).") from None
-        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+        from zoo.checkpoint import read_state_dict
+
+        state = read_state_dict(source, ("model_ema", "model") if ema else ("model",), "pretrained_ckpt")
     else:
         state = source
     state = vmamba_key_map({k.removeprefix("module."): v for k, v in state.items()})

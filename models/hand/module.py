@@ -166,7 +166,7 @@ class HandBiometrics(ZooModule):
             self.net.encoder.load_state_dict(timm_encoder(self.cfg.backbone, pretrained=True).state_dict())
             print(f"[hand] loaded the published weights of {self.cfg.backbone} into the encoder")
         if fresh and path:
-            report = load_vmamba_v0(self.net.encoder, path)
+            report = load_vmamba_v0(self.net.encoder, path, ema=self.cfg.pretrained_ema)
             print(f"[hand] loaded VMamba v0 weights from {path}: {len(report['missing'])} encoder key(s) not loaded "
                   f"{report['missing'][:5]}, {len(report['unexpected'])} checkpoint key(s) unused "
                   f"{report['unexpected'][:5]}, {len(report['mismatched'])} with another shape {report['mismatched'][:5]}")
