@@ -29,6 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from models.blocks import VSSBlock, vmamba_key_map
+from zoo.errors import ZooError
 
 # VMamba v0 sizes (UPSTREAM.md); micro is a CPU-sized model of the same layout.
 ENCODERS: dict[str, dict[str, Any]] = {
@@ -349,25 +350,51 @@ class HandNet(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # timm registration
 # ----------------------------------------------------------------------------------------------------------------------
+_V0_URL = "https://github.com/MzeroMiko/VMamba/releases/download/%2320240218/"
+VMAMBA_V0_RELEASES = {  # UPSTREAM.md "Released files" (sizes and sha256 from git-lfs pointers of a vendoring repo)
+    "tiny": dict(url=_V0_URL + "vssmtiny_dp01_ckpt_epoch_292.pth", description="ImageNet-1k top-1 82.2% (published)",
+                 notes="file=vssmtiny_dp01_ckpt_epoch_292.pth; "
+                       "sha256=dbc0cc4f5ec0e45db5fba7c939d2c7d9b617e891ac10766912a8d604c37c5e47"),
+    "small": dict(url=_V0_URL + "vssmsmall_dp03_ckpt_epoch_238.pth", description="ImageNet-1k top-1 83.5% (published)",
+                  notes="file=vssmsmall_dp03_ckpt_epoch_238.pth; "
+                        "sha256=8a9b3d3954bd28265405bd9a86768599d11491ba414ce04011db837d6c319e14"),
+}
+
+
 def _vmamba_cfg(size: str) -> dict[str, Any]:
     return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
                 interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                first_conv="patch_embed.proj", classifier="head", license="mit")
+                first_conv="patch_embed.proj", classifier="head", license="mit",
+                origin_url="https://github.com/MzeroMiko/VMamba") | VMAMBA_V0_RELEASES.get(size, {})
 
 
 default_cfgs = generate_default_cfgs({f"vmamba_{s}_v0": _vmamba_cfg(s) for s in ENCODERS})
 
 
+def vmamba_v0_release_state(path) -> dict[str, Tensor]:
+    """A VMamba v0 release file's `model` entry under our names (`zoo.pretrained` converts and caches it)."""
+    from zoo.checkpoint import read_state_dict
+
+    return vmamba_key_map(read_state_dict(path, ("model",), "VMamba v0 release"))
+
+
 def _create(size: str, pretrained: bool, **kwargs: Any) -> VMambaV0:
-    if pretrained:
-        raise ValueError(f"vmamba_{size}_v0: no download; load VMamba's v0 checkpoint with "
-                         f"models.hand.model.load_vmamba_v0(model, path)")
+    if pretrained and size not in VMAMBA_V0_RELEASES:
+        raise ZooError(f"vmamba_{size}_v0 has no released weights (vmamba_tiny_v0 and vmamba_small_v0 have).")
     spec = {k: v for k, v in ENCODERS[size].items() if k != "decoder_depths"}
     kwargs.setdefault("num_classes", 1000 if size != "micro" else 0)
     if "drop_path_rate" in kwargs:
         kwargs["drop_path"] = kwargs.pop("drop_path_rate")
-    return build_model_with_cfg(VMambaV0, f"vmamba_{size}_v0", False, **spec, **kwargs,
-                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)))
+    model = build_model_with_cfg(VMambaV0, f"vmamba_{size}_v0", False, **spec, **kwargs,
+                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)))
+    if pretrained:
+        from zoo.pretrained import pretrained_state
+
+        state = pretrained_state(f"vmamba_{size}_v0", _vmamba_cfg(size), vmamba_v0_release_state)
+        report = load_vmamba_v0(model, state)
+        if report["missing"] and [k for k in report["missing"] if not k.startswith("head.")]:
+            raise ZooError(f"vmamba_{size}_v0: the released weights leave {report['missing'][:4]} unloaded.")
+    return model
 
 
 @register_model
