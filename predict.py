@@ -18,6 +18,32 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from zoo.errors import ZooError, unknown, user_message  # noqa: E402
 
+# Release formats predict.py opens directly (each module's `from_release(raw, path)` returns a zoo checkpoint dict,
+# or None when the file is not its format).
+RELEASE_READERS = ("models.demansia2.convert", "models.hand.convert", "models.palm.convert")
+
+
+def open_model(path: str, device: str = "cpu", trust: bool = False):
+    """A zoo checkpoint or .safetensors export, or an upstream release file (DeMansia 2's Tiny EMA .ckpt, the hand
+    project's best.pth, a denoising-diffusion-pytorch model-N.pt), read as data and opened as its task's model."""
+    import importlib
+
+    from zoo.checkpoint import model_from_checkpoint, read_checkpoint
+
+    ckpt = read_checkpoint(path, trust=trust, for_predict=True, any_dict=True)
+    if not (ckpt.get("hyper_parameters") or {}).get("task"):
+        for name in RELEASE_READERS:
+            converted = importlib.import_module(name).from_release(ckpt, path)
+            if converted is not None:
+                print(f"[predict] {path}: opened as {name.split('.')[1]}'s released format", file=sys.stderr)
+                ckpt = converted
+                break
+        else:
+            raise ZooError(f"{path} is neither a checkpoint of this zoo nor a release format it knows (DeMansia 2's "
+                           f"Tiny EMA .ckpt, the hand project's best.pth, a denoising-diffusion-pytorch model-N.pt); "
+                           f"it holds {sorted(map(str, ckpt))[:10]}. See checkpoints/README.md.")
+    return model_from_checkpoint(ckpt, path).to(device)
+
 
 def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -33,9 +59,7 @@ def run(argv: list[str] | None = None) -> int:
             return 0
         raise ZooError("predict.py needs --ckpt PATH (a checkpoint written by train.py; the task is read from it).")
 
-    from zoo.checkpoint import load_model
-
-    model = load_model(known.ckpt, map_location=known.device, trust=known.trust_checkpoint, for_predict=True)
+    model = open_model(known.ckpt, known.device, known.trust_checkpoint)
     commands = {}
     for c in model.commands():
         commands.update({name: c for name in (c.name, *c.aliases)})

@@ -76,7 +76,7 @@ def test_v0_release_reads_as_data_even_with_its_module_importable(tmp_path, mark
 
 def _hand_run(path, *extra):
     return train.run(["--model", "hand", "--logger", "none", "--progress", "none", "--max-steps", "1",
-                      "--limit-val-batches", "1", "--batch-size", "8", "--set", "num_workers=0", "--set",
+                      "--limit-val-batches", "0", "--batch-size", "4", "--set", "encoder=micro", "--set", "num_workers=0", "--set",
                       "image_size=32", "--set", "aspects=dorsal right", "--set", "freeze_encoder_epochs=-1",
                       "--set", f"pretrained_ckpt={path}", *extra])
 
@@ -132,3 +132,107 @@ def test_demansia2_lightning_release_with_foreign_hparams(tmp_path, marker, caps
     assert model.cfg.depth == 2 and model.cfg.scan_mode == "legacy" and model.cfg.d_model == 192
     for k, v in state.items():
         assert torch.equal(model.model.state_dict()[k], v), k
+
+
+def _write_png(path, seed: int = 0, size: int = 64):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_hand_best_pth_opens_with_its_heads(tmp_path, capsys):
+    """The hand project's `best.pth` (train.py: `torch.save(model.state_dict())` of FullyConnectedNetwork, SUM's
+    encoder and decoder under `sum_model.salu_mamba.`, heads fc/bn _1 identity, _2 age, _3 gender), written here for a
+    micro encoder at 64 px: predict.py opens it; its logits equal upstream's head arithmetic on the same features."""
+    import torch.nn.functional as F
+
+    import predict
+    from models.hand.model import VMambaV0
+
+    torch.manual_seed(0)
+    enc = VMambaV0(16, (1, 1, 1, 1), 8).eval()
+    sd = {f"sum_model.salu_mamba.{k}": v for k, v in _v0_names(enc.state_dict()).items() if not k.startswith("norm.")}
+    sd["sum_model.salu_mamba.layers_up.0.blocks.0.ln_1.weight"] = torch.ones(128)  # SUM's decoder: never run
+    sd["sum_model.salu_mamba.final_conv.weight"] = torch.ones(1, 24, 1, 1)
+    flat = 2 * 2 * 128
+    for k, n in ((1, 5), (2, 6), (3, 2)):
+        for i, (a, b) in enumerate(((flat, 512), (512, 256), (256, n))):
+            sd[f"fc{i + 1}_{k}.weight"], sd[f"fc{i + 1}_{k}.bias"] = torch.randn(b, a) * a**-0.5, torch.randn(b)
+            if i < 2:
+                sd |= {f"bn{i + 1}_{k}.weight": 1 + torch.rand(b), f"bn{i + 1}_{k}.bias": torch.randn(b),
+                       f"bn{i + 1}_{k}.running_mean": torch.randn(b), f"bn{i + 1}_{k}.running_var": 1 + torch.rand(b),
+                       f"bn{i + 1}_{k}.num_batches_tracked": torch.tensor(70)}
+    path = tmp_path / "best.pth"
+    torch.save(sd, path)
+
+    model = predict.open_model(str(path))
+    assert model.cfg.head == "published" and model.cfg.encoder == "micro" and model.cfg.image_size == 64
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        h = torch.sigmoid(enc.stages(x)[0][-1]).flatten(1)
+        for k, name in ((1, "identity"), (2, "age"), (3, "gender")):
+            y = h
+            for i in (1, 2):
+                y = F.linear(y, sd[f"fc{i}_{k}.weight"], sd[f"fc{i}_{k}.bias"])
+                y = F.relu(F.batch_norm(y, sd[f"bn{i}_{k}.running_mean"], sd[f"bn{i}_{k}.running_var"],
+                                        sd[f"bn{i}_{k}.weight"], sd[f"bn{i}_{k}.bias"], eps=1e-5))
+            torch.testing.assert_close(out[name], F.linear(y, sd[f"fc3_{k}.weight"], sd[f"fc3_{k}.bias"]))
+    image = _write_png(tmp_path / "hand.png")
+    capsys.readouterr()
+    assert predict.main(["--ckpt", str(path), "identify", "--top-k", "2", str(image)]) == 0
+    printed = capsys.readouterr()
+    assert "hand.png" in printed.out and "released format" in printed.err, printed
+
+
+def test_ddpm_trainer_checkpoint_opens_as_palm_with_ema_weights(tmp_path):
+    """denoising-diffusion-pytorch's `Trainer.save` format ({step, model, opt, ema, scaler, version}): predict.py
+    opens it as a palm model whose sampler uses the EMA weights, and `generate` writes images."""
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    from ema_pytorch import EMA
+
+    import predict
+
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2, 4)), image_size=128, timesteps=20,
+                                  objective="pred_noise", beta_schedule="sigmoid")
+    ema = EMA(diffusion, beta=0.995, update_every=10)
+    with torch.no_grad():
+        for p in ema.ema_model.parameters():
+            p.add_(0.01)
+    ema.initted.fill_(True)
+    opt = torch.optim.Adam(diffusion.parameters(), lr=2e-5, betas=(0.9, 0.99))
+    path = tmp_path / "model-88.pt"
+    torch.save({"step": 44_000, "model": diffusion.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(),
+                "scaler": None, "version": "2.1.1"}, path)
+
+    model = predict.open_model(str(path))
+    cfg = model.cfg
+    assert (cfg.unet_dim, tuple(cfg.dim_mults), cfg.timesteps) == (8, (1, 2, 4), 20)
+    assert (cfg.objective, cfg.beta_schedule, cfg.image_size, cfg.mixer) == ("pred_noise", "sigmoid", 128, "attention")
+    for k, v in ema.ema_model.state_dict().items():
+        assert torch.equal(model.ema_diffusion.state_dict()[k], v), k
+    assert torch.equal(model.diffusion.state_dict()["model.init_conv.weight"], diffusion.model.init_conv.weight)
+    out = tmp_path / "gen"
+    assert predict.main(["--ckpt", str(path), "generate", "--individuals", "1", "--per-individual", "1", "--out",
+                         str(out), "--steps", "2"]) == 0
+    assert len(list(out.rglob("*.png"))) == 1
+
+
+def test_timm_model_safetensors_reads_as_weights(tmp_path):
+    """A timm / Hugging Face `model.safetensors` (no pickle at all) is read by the same reader."""
+    import timm
+    from safetensors.torch import save_file
+
+    from zoo.checkpoint import read_state_dict
+
+    net = timm.create_model("test_resnet", num_classes=3)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    state = read_state_dict(tmp_path / "model.safetensors")
+    other = timm.create_model("test_resnet", num_classes=3)
+    other.load_state_dict(state)
+    for k, v in net.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k

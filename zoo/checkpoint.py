@@ -154,10 +154,11 @@ def is_safetensors(path: str | Path) -> bool:
 
 
 def read_checkpoint(path: str | Path, trust: bool = False, for_predict: bool = False,
-                    weights_for: str | None = None) -> dict[str, Any]:
+                    weights_for: str | None = None, any_dict: bool = False) -> dict[str, Any]:
     """A zoo checkpoint as a dict (`state_dict`, `hyper_parameters`, ...), read safely on the CPU.
 
-    A `.safetensors` export gives {"state_dict", "hyper_parameters"} only; `weights_for` (the option that needs a full
+    `any_dict` returns any dict the file holds (a release file for the caller to convert) instead of requiring a
+    `state_dict`. A `.safetensors` export gives {"state_dict", "hyper_parameters"} only; `weights_for` (the option that needs a full
     Lightning checkpoint, e.g. "--resume") refuses it. A missing, truncated, foreign or unsafe file raises a ZooError
     saying which and what to do; `for_predict` words the missing-file hint for predict.py.
     """
@@ -182,7 +183,7 @@ def read_checkpoint(path: str | Path, trust: bool = False, for_predict: bool = F
         hint = f" Other checkpoints in that folder: {', '.join(others)}." if others else ""
         raise ZooError(f"Cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}. The file is corrupt or "
                        f"was cut off while saving (e.g. a full disk or a killed process).{hint}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or ("state_dict" not in ckpt and not any_dict):
         raise ZooError(f"{path} is not a Lightning checkpoint (no 'state_dict'). Released upstream weights must be "
                        f"converted first: see checkpoints/README.md.")
     return ckpt

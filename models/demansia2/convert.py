@@ -116,17 +116,19 @@ def released_state(path: str | Path) -> dict[str, torch.Tensor]:
     return checked_state(read_released(path), path)[0]
 
 
-def convert(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
-    """Write a zoo checkpoint for the released one; returns dst. Raises ZooError on missing/unexpected keys or
-    shape mismatches, naming them."""
+def from_release(ckpt: Any, src: str | Path) -> dict[str, Any] | None:
+    """The zoo checkpoint dict for the released Lightning checkpoint (None when `ckpt` is not one: no `state_dict`
+    with DeMansia 2's `cls_token` / `pos_embed` at the top level)."""
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not {"cls_token", "pos_embed"} <= {k.removeprefix("model.") for k in sd}:
+        return None
     from models.demansia2.module import DeMansia2
 
-    ckpt = read_released(src, trust=trust)
     state, cfg = checked_state(ckpt, src)
     cfg = cfg.replace(class_names=imagenet_class_names(cfg.num_classes))
     import lightning
 
-    out = {
+    return {
         "state_dict": {f"model.{k}": v.detach().clone().contiguous() for k, v in state.items()},
         "hyper_parameters": {"config": cfg.to_dict(), "task": DeMansia2.TASK},
         "pytorch-lightning_version": lightning.__version__,
@@ -134,6 +136,16 @@ def convert(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
         "global_step": _int(ckpt.get("global_step")),
         "converted_from": str(Path(src).name),
     }
+
+
+def convert(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
+    """Write a zoo checkpoint for the released one; returns dst. Raises ZooError on missing/unexpected keys or
+    shape mismatches, naming them."""
+    ckpt = read_released(src, trust=trust)
+    out = from_release(ckpt, src)
+    if out is None:
+        checked_state(ckpt, src)  # raises, naming the keys that do not match
+        raise ZooError(f"{src}: not DeMansia 2's released checkpoint.")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, dst)
