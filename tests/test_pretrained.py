@@ -103,3 +103,24 @@ def test_pretrained_cfg_names_source_licence_and_metric():
         assert info["url"].startswith("https://") and info["file"] and info["license"], name
         assert metric in info["description"], name
     assert release_info(timm.models.get_pretrained_cfg("vmamba_small_v0"))["sha256"].startswith("8a9b3d39")
+
+
+def test_release_spec_in_predict_reads_the_cache_or_says_where_to_put_the_file(cache, capsys):
+    """`predict.py --ckpt release:palm`: offline and empty, one line naming the Drive URL, the file and the folder
+    (exit 2); with the release-format file in the cache, it opens as a palm model."""
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    from ema_pytorch import EMA
+
+    import predict
+
+    assert predict.main(["--ckpt", "release:palm", "generate"]) == 2
+    err = capsys.readouterr().err
+    assert "1AaOvAYpjl3-FsEQ2WD_CtHW74REYTVTZ" in err and "'model-88.pt'" in err and str(cache) in err, err
+    assert predict.main(["--ckpt", "release:hand", "identify", "x.jpg"]) == 2
+    assert "'best.pth'" in capsys.readouterr().err
+    diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2)), image_size=128, timesteps=10)
+    cache.mkdir(parents=True)
+    torch.save({"step": 1, "model": diffusion.state_dict(), "opt": {}, "ema": EMA(diffusion).state_dict(),
+                "scaler": None, "version": "2.1.1"}, cache / "model-88.pt")
+    model = predict.open_model("release:palm")
+    assert model.TASK == "palm" and model.cfg.unet_dim == 8

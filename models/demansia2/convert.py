@@ -56,6 +56,12 @@ def read_released(path: str | Path, trust: bool = False) -> dict[str, Any]:
     return ckpt
 
 
+def _release() -> dict[str, Any]:
+    from models.demansia2.model import RELEASES
+
+    return {**RELEASES["tiny"], "license": "apache-2.0"}
+
+
 def config_from_released(hparams: dict[str, Any]) -> DeMansia2Config:
     """The `tiny,published` config with the sizes the released hyper-parameters state."""
     cfg = DeMansia2Config.from_presets("tiny,published")

@@ -19,6 +19,10 @@ import torch
 
 from zoo.errors import ZooError
 
+RELEASE = dict(  # `predict.py --ckpt release:hand` (zoo.pretrained: downloaded once through gdown, then cached)
+    url="https://drive.google.com/uc?id=1Te6sOMhBtbSUTqDzwWGTPkuPiS8cdZtB", notes="file=best.pth",
+    license="none stated", description="11k Hands identity / age group / gender (no figures published)",
+    origin_url="https://github.com/Avir-AI/hand_identification_mamba")
 PREFIX = "sum_model.salu_mamba."
 HEADS = {1: "identity_head", 2: "age_head", 3: "gender_head"}
 LAYERS = {"fc1": 0, "bn1": 1, "fc2": 4, "bn2": 5, "fc3": 8}

@@ -21,6 +21,10 @@ from model_config import PalmConfig
 from zoo.errors import ZooError
 
 TRAINER_KEYS = {"step", "model", "ema"}
+RELEASE = dict(  # `predict.py --ckpt release:palm` (zoo.pretrained: downloaded once through gdown, then cached)
+    url="https://drive.google.com/uc?id=1AaOvAYpjl3-FsEQ2WD_CtHW74REYTVTZ", notes="file=model-88.pt",
+    license="none stated", description="128px palm generator (no figures published)",
+    origin_url="https://github.com/zebracon7/diffusion_wgan-gp_img_gen")
 
 
 def is_trainer_checkpoint(raw: Any) -> bool:
