@@ -501,7 +501,7 @@ class HandConfig(BaseConfig):
     # network
     encoder: Literal["micro", "tiny", "small"] = "tiny"  # VMamba v0 size (with a timm backbone: the dims it maps to)
     backbone: str = "vmamba"  # vmamba = the VMamba v0 encoder; any timm name = its levels at strides 4-32, projected
-    pretrained: bool = False  # timm backbone: the published weights (local cache, else downloaded unless offline)
+    pretrained: bool = False  # the encoder's released weights: VMamba v0 Tiny / Small (zoo.pretrained), or timm's
     pretrained_ckpt: str | None = None  # VMamba v0 ImageNet checkpoint (.pth, its `model` entry) for the encoder
     pretrained_ema: bool = False  # take the release's EMA weights (`model_ema`) instead of `model`
     drop_path: float = 0.1
@@ -576,9 +576,10 @@ class HandConfig(BaseConfig):
         if self.image_size % 32:
             raise config_error(self, "image_size", "must be a multiple of 32 (VMamba's stride; the U-Net adds skips)")
         if self.backbone == "vmamba":
-            if self.pretrained:
-                raise config_error(self, "pretrained", "needs a timm backbone (--set backbone=NAME); VMamba's v0 "
-                                                       "weights load with --set pretrained_ckpt=PATH")
+            if self.pretrained and self.encoder not in ("tiny", "small"):
+                raise config_error(self, "pretrained", f"needs encoder=tiny or small (VMamba v0's releases) or a "
+                                                       f"timm backbone; encoder={self.encoder} has none (a VMamba v0 "
+                                                       f"file loads with --set pretrained_ckpt=PATH)")
         else:
             if self.pretrained_ckpt:
                 raise config_error(self, "pretrained_ckpt", "is a VMamba v0 checkpoint: it needs backbone=vmamba "

@@ -124,3 +124,21 @@ def test_release_spec_in_predict_reads_the_cache_or_says_where_to_put_the_file(c
                 "scaler": None, "version": "2.1.1"}, cache / "model-88.pt")
     model = predict.open_model("release:palm")
     assert model.TASK == "palm" and model.cfg.unet_dim == 8
+
+
+def test_hand_pretrained_true_loads_the_vmamba_release_into_its_encoder(cache):
+    """`--set pretrained=true` on hand (backbone vmamba, encoder tiny): the released VMamba-T v0, here from a cache
+    already holding the converted safetensors (the second-run path)."""
+    from safetensors.torch import save_file
+
+    from model_config import HandConfig
+    from models.hand.module import HandBiometrics
+
+    module = HandBiometrics(config=HandConfig.from_presets("micro").replace(encoder="tiny", pretrained=True))
+    torch.manual_seed(1)
+    state = {k: torch.randn_like(v) for k, v in module.net.encoder.state_dict().items()}
+    cache.mkdir(parents=True)
+    save_file(state, str(cache / "vmamba_tiny_v0.safetensors"))
+    module.setup("fit")
+    for k, v in module.net.encoder.state_dict().items():
+        assert torch.equal(v, state[k]), k
