@@ -158,7 +158,7 @@ def test_hand_best_pth_opens_with_its_heads(tmp_path, capsys):
     sd["sum_model.salu_mamba.layers_up.0.blocks.0.ln_1.weight"] = torch.ones(128)  # SUM's decoder: never run
     sd["sum_model.salu_mamba.final_conv.weight"] = torch.ones(1, 24, 1, 1)
     flat = 2 * 2 * 128
-    for k, n in ((1, 5), (2, 6), (3, 2)):
+    for k, n in ((1, 9), (2, 6), (3, 2)):  # 9 subjects, as the 11k Hands fixture below
         for i, (a, b) in enumerate(((flat, 512), (512, 256), (256, n))):
             sd[f"fc{i + 1}_{k}.weight"], sd[f"fc{i + 1}_{k}.bias"] = torch.randn(b, a) * a**-0.5, torch.randn(b)
             if i < 2:
@@ -186,6 +186,12 @@ def test_hand_best_pth_opens_with_its_heads(tmp_path, capsys):
     assert predict.main(["--ckpt", str(path), "identify", "--top-k", "2", str(image)]) == 0
     printed = capsys.readouterr()
     assert "hand.png" in printed.out and "released format" in printed.err, printed
+    from test_hand_data import write_fixture
+
+    root = write_fixture(tmp_path / "11k", n_subjects=9, per_aspect=5)
+    assert predict.main(["--ckpt", str(path), "evaluate", str(root), "--set", "aspects=dorsal right", "--set",
+                         "gallery_draws=1", "--json"]) == 0
+    assert "identity_acc" in capsys.readouterr().out
 
 
 def test_ddpm_trainer_checkpoint_opens_as_palm_with_ema_weights(tmp_path):
