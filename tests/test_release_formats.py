@@ -128,10 +128,13 @@ def test_demansia2_lightning_release_with_foreign_hparams(tmp_path, marker, caps
     for name in ("lightning_standin.parsing.AttributeDict", "upstream_train.config.TrainConfig",
                  "upstream_train.config.ran"):
         assert name in err, err
-    model = load_model(tmp_path / "zoo.ckpt")
-    assert model.cfg.depth == 2 and model.cfg.scan_mode == "legacy" and model.cfg.d_model == 192
-    for k, v in state.items():
-        assert torch.equal(model.model.state_dict()[k], v), k
+    import predict
+
+    for model in (load_model(tmp_path / "zoo.ckpt"), predict.open_model(str(src))):  # converted, or as released
+        assert model.cfg.depth == 2 and model.cfg.scan_mode == "legacy" and model.cfg.d_model == 192
+        for k, v in state.items():
+            assert torch.equal(model.model.state_dict()[k], v), k
+    assert not marker.exists()
 
 
 def _write_png(path, seed: int = 0, size: int = 64):
