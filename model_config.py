@@ -69,6 +69,7 @@ class DeMansia2Config(BaseConfig):
     headdim: int = 24
     chunk_size: int = 64
     scan_mode: Literal["bidirectional", "legacy"] = "bidirectional"  # legacy = published channel-flip mixer
+    pretrained: bool = False  # start from the released Tiny EMA weights (needs --preset tiny,published; zoo.pretrained)
     patch_size: int = 8  # stride of the stem's projection (total stride = 2 * patch_size)
     stem: Literal["lvvit", "early_conv"] = "lvvit"  # lvvit = published 4-conv stem; early_conv = stride-2 3x3 stages
     stem_channels: int = 64  # lvvit: width of its convs; early_conv: width of the first stage (doubling per stage)
@@ -327,8 +328,9 @@ class HandConfig(BaseConfig):
     # network
     encoder: Literal["micro", "tiny", "small"] = "tiny"  # VMamba v0 size (with a timm backbone: the dims it maps to)
     backbone: str = "own"  # own = the VMamba v0 encoder; any timm name = its levels at strides 4-32, projected
-    pretrained: bool = False  # timm backbone: the published weights (local cache, else downloaded unless offline)
+    pretrained: bool = False  # the encoder's released weights: VMamba v0 Tiny / Small (zoo.pretrained), or timm's
     pretrained_ckpt: str | None = None  # VMamba v0 ImageNet checkpoint (.pth, its `model` entry) for the encoder
+    pretrained_ema: bool = False  # take the release's EMA weights (`model_ema`) instead of `model`
     drop_path: float = 0.1
     decoder: bool = True  # the SUM U-Net decoder (its features feed the heads, its output the silhouette)
     head: Literal["multiscale", "published"] = "multiscale"  # published = sigmoid, flatten, three MLP heads
@@ -401,9 +403,10 @@ class HandConfig(BaseConfig):
         if self.image_size % 32:
             raise config_error(self, "image_size", "must be a multiple of 32 (VMamba's stride; the U-Net adds skips)")
         if self.backbone == "own":
-            if self.pretrained:
-                raise config_error(self, "pretrained", "needs a timm backbone (--set backbone=NAME); VMamba's v0 "
-                                                       "weights load with --set pretrained_ckpt=PATH")
+            if self.pretrained and self.encoder not in ("tiny", "small"):
+                raise config_error(self, "pretrained", f"needs encoder=tiny or small (VMamba v0's releases) or a "
+                                                       f"timm backbone; encoder={self.encoder} has none (a VMamba v0 "
+                                                       f"file loads with --set pretrained_ckpt=PATH)")
         else:
             if self.pretrained_ckpt:
                 raise config_error(self, "pretrained_ckpt", "is a VMamba v0 checkpoint: it needs backbone=own "

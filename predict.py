@@ -7,6 +7,8 @@
     python predict.py --ckpt agegender.ckpt export --out model.onnx
     python predict.py --ckpt last.ckpt export --format safetensors     # any task: weights + config, no pickle
     python predict.py --ckpt last.safetensors classify img1.jpg         # exports open like checkpoints
+    python predict.py --ckpt release:hand identify hand.jpg             # a published model (demansia2, hand, palm),
+    python predict.py --ckpt model-88.pt generate ...                   # or an upstream release file as it is
 """
 from __future__ import annotations
 
@@ -17,6 +19,55 @@ import sys
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from zoo.errors import ZooError, unknown, user_message  # noqa: E402
+
+# Release formats predict.py opens directly (each module's `from_release(raw, path)` returns a zoo checkpoint dict,
+# or None when the file is not its format).
+RELEASE_READERS = ("models.demansia2.convert", "models.hand.convert", "models.palm.convert")
+
+
+RELEASE_PREFIX = "release:"
+
+
+def release_path(spec: str) -> str:
+    """`release:<task>` (demansia2, hand, palm) -> the published file in the weights cache (zoo.pretrained), fetched
+    on first use; offline without it, a ZooError naming the URL, the file and the folder."""
+    import importlib
+
+    from zoo.pretrained import released_file
+
+    task = spec[len(RELEASE_PREFIX):]
+    if f"models.{task}.convert" not in RELEASE_READERS:
+        raise ZooError(f"--ckpt {spec}: published trained models exist for "
+                       f"{', '.join(RELEASE_PREFIX + n.split('.')[1] for n in RELEASE_READERS)}.")
+    module = importlib.import_module(f"models.{task}.convert")
+    cfg = module.RELEASE if hasattr(module, "RELEASE") else module._release()
+    return str(released_file(f"{task} release", cfg))
+
+
+def open_model(path: str, device: str = "cpu", trust: bool = False):
+    """A zoo checkpoint or .safetensors export, or an upstream release file (DeMansia 2's Tiny EMA .ckpt, the hand
+    project's best.pth, a denoising-diffusion-pytorch model-N.pt), read as data and opened as its task's model;
+    `release:<task>` names the task's published file (downloaded once into the weights cache)."""
+    import importlib
+
+    from zoo.checkpoint import model_from_checkpoint, read_checkpoint
+
+    if path.startswith(RELEASE_PREFIX):
+        path = release_path(path)
+
+    ckpt = read_checkpoint(path, trust=trust, for_predict=True, any_dict=True)
+    if not (ckpt.get("hyper_parameters") or {}).get("task"):
+        for name in RELEASE_READERS:
+            converted = importlib.import_module(name).from_release(ckpt, path)
+            if converted is not None:
+                print(f"[predict] {path}: opened as {name.split('.')[1]}'s released format", file=sys.stderr)
+                ckpt = converted
+                break
+        else:
+            raise ZooError(f"{path} is neither a checkpoint of this zoo nor a release format it knows (DeMansia 2's "
+                           f"Tiny EMA .ckpt, the hand project's best.pth, a denoising-diffusion-pytorch model-N.pt); "
+                           f"it holds {sorted(map(str, ckpt))[:10]}. See checkpoints/README.md.")
+    return model_from_checkpoint(ckpt, path).to(device)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -34,9 +85,8 @@ def run(argv: list[str] | None = None) -> int:
         raise ZooError("predict.py needs --ckpt PATH (a checkpoint written by train.py; the task is read from it).")
 
     import model_config  # noqa: F401 - the tasks' registrations, which load_model looks the checkpoint's task up in
-    from zoo.checkpoint import load_model
 
-    model = load_model(known.ckpt, map_location=known.device, trust=known.trust_checkpoint, for_predict=True)
+    model = open_model(known.ckpt, known.device, known.trust_checkpoint)
     commands = {}
     for c in model.commands():
         commands.update({name: c for name in (c.name, *c.aliases)})

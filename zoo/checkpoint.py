@@ -1,9 +1,10 @@
 """Reading checkpoints as data (never code), finding a model's latest run, and opening any zoo checkpoint by its task.
 
 Every file the zoo reads with `torch.load` (checkpoints, token-label maps, galleries, converted upstream weights) goes
-through `safe_load`: a weights-only unpickler that builds tensors, plain containers, numbers, strings and the few
-types in `SAFE_GLOBALS`, and refuses anything else *before* creating it, naming the type. A user who trusts such a
-file passes `--trust-checkpoint` (train.py, predict.py, the DeMansia 2 converter); nothing does that by default.
+through `safe_load`: weights-only (tensors, plain containers, numbers, strings and the few types in
+`SAFE_GLOBALS`); a file that holds other classes (released checkpoints pickle their configs) is read with inert
+placeholders in their place (`zoo.safe_load`), never importing or calling them, and says so in one line. `--resume`
+stays strictly weights-only (refusing, naming the type). Full pickle only with `--trust-checkpoint`.
 
 A `.safetensors` file written by `predict.py --ckpt X export --format safetensors` (weights + task + config as JSON
 metadata, no pickle at all) opens with `load_model` and `predict.py` like a `.ckpt`.
@@ -14,6 +15,7 @@ import contextlib
 import json
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,16 +64,24 @@ def refusal(path: str | Path, types: list[str], what: str = "checkpoint", flag: 
                     f"author for a .safetensors export or a checkpoint saved with plain tensors.")
 
 
-def safe_load(path: str | Path, what: str = "checkpoint", trust: bool = False, flag: str = TRUST_FLAG) -> Any:
-    """`torch.load` on the CPU that cannot run code: weights-only with `SAFE_GLOBALS`, unless `trust`.
+def safe_load(path: str | Path, what: str = "checkpoint", trust: bool = False, flag: str = TRUST_FLAG,
+              placeholders: bool = True) -> Any:
+    """`torch.load` on the CPU that cannot run code: the one reader of every file from elsewhere.
+
+    Weights-only (with `SAFE_GLOBALS`) first. A file that also holds other classes (a yacs `CfgNode` config, an
+    `argparse.Namespace`, Lightning's `AttributeDict`, a `functools.partial`, ...) is read by
+    `zoo.safe_load.read_as_data`, which puts an inert placeholder in place of each such object, never importing or
+    calling its class, and one line on stderr names the classes it stood in for.
 
     Args:
         path: a file written by `torch.save`.
         what: how error messages name the file ("checkpoint", "token label file", ...).
         trust: load with full pickle (only for files the user explicitly trusts, via `flag`).
         flag: the command-line switch that sets `trust`, named in the refusal message.
+        placeholders: False = weights-only strictly (e.g. `--resume`, whose file Lightning reads again): a file with
+            other classes is refused, naming them.
     Raises:
-        ZooError: the file needs a type outside the allow-list (named), or does not exist.
+        ZooError: the file needs a type outside the allow-list (named) and `placeholders` is off, or does not exist.
         Other exceptions of `torch.load` (corrupt files) propagate; callers word them.
     """
     path = Path(path)
@@ -79,14 +89,64 @@ def safe_load(path: str | Path, what: str = "checkpoint", trust: bool = False, f
         raise ZooError(f"{what.capitalize()} not found: {path}.")
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        with safe_globals():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        types = unsafe_types(path) or re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if not types:  # not a refused type: the file is corrupt or not a torch file; callers word that
+    types = unsafe_types(path)  # read from the pickle's opcodes, nothing built
+    if not types:
+        try:
+            with safe_globals():
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            types = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) or unsafe_types(path)
+            if not types:  # not a refused type: the file is corrupt or not a torch file; callers word that
+                raise
+    if not placeholders:
+        raise refusal(path, types, what, flag)
+    from zoo.safe_load import read_as_data, stood_in_line
+
+    obj, stood_in = read_as_data(path)
+    if stood_in:
+        print(stood_in_line(path, stood_in), file=sys.stderr)
+    return obj
+
+
+def read_state_dict(path: str | Path, entries: tuple[str, ...] = ("state_dict", "model"), what: str = "checkpoint",
+                    trust: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a released weight file, read through `safe_load` (or safetensors, no pickle at all).
+
+    The first of `entries` the file holds is used (e.g. ("model_ema", "model") for VMamba's v0 release); a file that
+    is itself a flat name -> tensor dict (`torch.save(model.state_dict())`, `model.safetensors`) is used as it is.
+    A DataParallel `module.` prefix is removed. Non-tensor values (e.g. a `num_batches_tracked` int) are dropped.
+
+    Raises:
+        ZooError: the file is missing, unreadable, or holds none of `entries` (the message names what it holds).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"{what} {path}: file not found.")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import load_file
+
+        try:
+            raw: Any = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
+            raise ZooError(f"{what} {path}: cannot read it ({type(e).__name__}: {str(e)[:160]}); is it complete?"
+                           ) from None
+    else:
+        try:
+            raw = safe_load(path, what, trust=trust)
+        except ZooError:
             raise
-        raise refusal(path, types, what, flag) from None
+        except Exception as e:  # noqa: BLE001 - corrupt / truncated / not a torch file
+            raise ZooError(f"{what} {path}: cannot read it ({type(e).__name__}: {str(e)[:160]}). The file is "
+                           f"corrupt, cut off while downloading, or not a torch checkpoint.") from None
+    if not isinstance(raw, dict):
+        raise ZooError(f"{what} {path}: holds a {type(raw).__name__}, not a dict of weights.")
+    state = next((raw[e] for e in entries if isinstance(raw.get(e), dict)), None)
+    if state is None:
+        if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+            state = raw
+        else:
+            raise ZooError(f"{what} {path}: none of {list(entries)} in it; it holds {sorted(map(str, raw))[:12]}.")
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def is_safetensors(path: str | Path) -> bool:
@@ -94,10 +154,11 @@ def is_safetensors(path: str | Path) -> bool:
 
 
 def read_checkpoint(path: str | Path, trust: bool = False, for_predict: bool = False,
-                    weights_for: str | None = None) -> dict[str, Any]:
+                    weights_for: str | None = None, any_dict: bool = False) -> dict[str, Any]:
     """A zoo checkpoint as a dict (`state_dict`, `hyper_parameters`, ...), read safely on the CPU.
 
-    A `.safetensors` export gives {"state_dict", "hyper_parameters"} only; `weights_for` (the option that needs a full
+    `any_dict` returns any dict the file holds (a release file for the caller to convert) instead of requiring a
+    `state_dict`. A `.safetensors` export gives {"state_dict", "hyper_parameters"} only; `weights_for` (the option that needs a full
     Lightning checkpoint, e.g. "--resume") refuses it. A missing, truncated, foreign or unsafe file raises a ZooError
     saying which and what to do; `for_predict` words the missing-file hint for predict.py.
     """
@@ -117,7 +178,7 @@ def read_checkpoint(path: str | Path, trust: bool = False, for_predict: bool = F
         raise ZooError(f"{path} is not a checkpoint: it is a plain Python pickle, not a file written by torch.save / "
                        f"train.py (nothing in it was run). Give a .ckpt written by train.py or a .safetensors export.")
     try:
-        ckpt = safe_load(path, "checkpoint", trust=trust)
+        ckpt = safe_load(path, "checkpoint", trust=trust, placeholders=not weights_for)
     except ZooError:
         raise
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
@@ -125,7 +186,7 @@ def read_checkpoint(path: str | Path, trust: bool = False, for_predict: bool = F
         hint = f" Other checkpoints in that folder: {', '.join(others)}." if others else ""
         raise ZooError(f"Cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}. The file is corrupt or "
                        f"was cut off while saving (e.g. a full disk or a killed process).{hint}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or ("state_dict" not in ckpt and not any_dict):
         raise ZooError(f"{path} is not a Lightning checkpoint (no 'state_dict'). Released upstream weights must be "
                        f"converted first: see checkpoints/README.md.")
     return ckpt

@@ -56,6 +56,12 @@ def read_released(path: str | Path, trust: bool = False) -> dict[str, Any]:
     return ckpt
 
 
+def _release() -> dict[str, Any]:
+    from models.demansia2.model import RELEASES
+
+    return {**RELEASES["tiny"], "license": "apache-2.0"}
+
+
 def config_from_released(hparams: dict[str, Any]) -> DeMansia2Config:
     """The `tiny,published` config with the sizes the released hyper-parameters state."""
     cfg = DeMansia2Config.from_presets("tiny,published")
@@ -89,17 +95,16 @@ def imagenet_class_names(num_classes: int) -> tuple[str, ...]:
     return tuple(d.split(",")[0].strip() for d in ImageNetInfo().label_descriptions())
 
 
-def convert(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
-    """Write a zoo checkpoint for the released one; returns dst. Raises ZooError on missing/unexpected keys or
-    shape mismatches, naming them."""
-    from models.demansia2.module import DeMansia2
+def checked_state(ckpt: dict[str, Any], src: str | Path) -> tuple[dict[str, torch.Tensor], DeMansia2Config]:
+    """The released network's state_dict (DeMansia2Net names) and config, after checking every key and shape against
+    a network built from the released hyper-parameters. Raises ZooError naming missing / unexpected / misshapen keys."""
+    from models.demansia2.model import DeMansia2Net, net_kwargs
 
-    ckpt = read_released(src, trust=trust)
-    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in ckpt["state_dict"].items()}
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in ckpt["state_dict"].items()
+             if isinstance(v, torch.Tensor)}
     cfg = config_from_released(ckpt.get("hyper_parameters") or {})
-    cfg = cfg.replace(class_names=imagenet_class_names(cfg.num_classes))
     with torch.device("meta"):
-        expected = DeMansia2(config=cfg).net.state_dict()
+        expected = DeMansia2Net(**net_kwargs(cfg)).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -109,20 +114,52 @@ def convert(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
              if tuple(state[k].shape) != tuple(v.shape)]
     if wrong:
         raise ZooError(f"{src}: shape mismatch for {_short(wrong)}.")
+    return state, cfg
+
+
+def released_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The released file as `demansia2_tiny(pretrained=True)`'s state_dict (`zoo.pretrained` caches it)."""
+    return checked_state(read_released(path), path)[0]
+
+
+def from_release(ckpt: Any, src: str | Path) -> dict[str, Any] | None:
+    """The zoo checkpoint dict for the released Lightning checkpoint (None when `ckpt` is not one: no `state_dict`
+    with DeMansia 2's `cls_token` / `pos_embed` at the top level)."""
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not {"cls_token", "pos_embed"} <= {k.removeprefix("model.") for k in sd}:
+        return None
+    from models.demansia2.module import DeMansia2
+
+    state, cfg = checked_state(ckpt, src)
+    cfg = cfg.replace(class_names=imagenet_class_names(cfg.num_classes))
     import lightning
 
-    out = {
+    return {
         "state_dict": {f"net.{k}": v.detach().clone().contiguous() for k, v in state.items()},
         "hyper_parameters": {"config": cfg.to_dict(), "task": DeMansia2.TASK},
         "pytorch-lightning_version": lightning.__version__,
-        "epoch": int(ckpt.get("epoch", 0) or 0),
-        "global_step": int(ckpt.get("global_step", 0) or 0),
+        "epoch": _int(ckpt.get("epoch")),
+        "global_step": _int(ckpt.get("global_step")),
         "converted_from": str(Path(src).name),
     }
+
+
+def convert(src: str | Path, dst: str | Path, trust: bool = False) -> Path:
+    """Write a zoo checkpoint for the released one; returns dst. Raises ZooError on missing/unexpected keys or
+    shape mismatches, naming them."""
+    ckpt = read_released(src, trust=trust)
+    out = from_release(ckpt, src)
+    if out is None:
+        checked_state(ckpt, src)  # raises, naming the keys that do not match
+        raise ZooError(f"{src}: not DeMansia 2's released checkpoint.")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, dst)
     return dst
+
+
+def _int(v: Any) -> int:
+    return int(v) if isinstance(v, (int, float)) else 0
 
 
 def _short(names: list[str], n: int = 8) -> str:

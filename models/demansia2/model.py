@@ -26,6 +26,7 @@ from models.blocks.mha import MHA
 from models.blocks.norm import RMSNorm
 from models.blocks.residual import Block
 from models.blocks.stem import ConvStem, EarlyConvStem
+from zoo.errors import ZooError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -272,23 +273,56 @@ def net_kwargs(cfg: DeMansia2Config) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # timm registration
 # ----------------------------------------------------------------------------------------------------------------------
+RELEASES = {  # the published weights (UPSTREAM.md "Released files"); `zoo.pretrained` reads these fields
+    "tiny": dict(url="https://archive.org/download/DeMansia-2/DeMansia%202%20Tiny%20EMA.ckpt",
+                 notes="file=DeMansia 2 Tiny EMA.ckpt", description="ImageNet-1k top-1 79.5% / top-5 94.4% "
+                 "(published, EMA, 224px)", origin_url="https://github.com/catalpaaa/DeMansia-2"),
+}
+RELEASE_PRESET = "tiny,published"  # the released Tiny is the published network (legacy channel-flip mixer)
+
+
 def _cfg(preset: str) -> dict[str, Any]:
     cfg = DeMansia2Config.from_presets(preset)
     size = cfg.image_size
     return dict(url="", num_classes=cfg.num_classes, input_size=(3, size, size), pool_size=None,
                 crop_pct=cfg.crop_pct, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
                 first_conv="patch_embed.conv1" if cfg.stem == "lvvit" else "patch_embed.stages.0.0", classifier="head",
-                license="apache-2.0")
+                license="apache-2.0") | RELEASES.get(preset, {})
 
 
 default_cfgs = generate_default_cfgs({f"demansia2_{p}": _cfg(p) for p in ("micro", "tiny", "small")})
 
 
 def _create(variant: str, preset: str, pretrained: bool = False, **kwargs: Any) -> DeMansia2Net:
-    args = {**net_kwargs(DeMansia2Config.from_presets(preset)), **kwargs}
+    released = pretrained and preset in RELEASES
+    args = {**net_kwargs(DeMansia2Config.from_presets(RELEASE_PRESET if released else preset)), **kwargs}
     # features_only: the residual stream of the last 3 layers (or `out_indices`) as (B, d_model, H/16, W/16) maps.
-    return build_model_with_cfg(DeMansia2Net, variant, pretrained, **args,
-                                feature_cfg=dict(feature_cls="getter", out_indices=3))
+    model = build_model_with_cfg(DeMansia2Net, variant, False, **args,
+                                 feature_cfg=dict(feature_cls="getter", out_indices=3))
+    if pretrained:
+        if not released:
+            raise ZooError(f"{variant} has no released weights; demansia2_tiny has (the published Tiny EMA).")
+        if kwargs.get("features_only"):
+            raise ZooError(f"{variant}: pretrained=True with features_only is not supported; build the classifier "
+                           f"and use forward_intermediates.")
+        from models.demansia2.convert import released_state
+        from zoo.pretrained import load_pretrained
+
+        if kwargs.get("num_classes") in (None, 1000):
+            load_pretrained(model, variant, _cfg(preset), released_state)
+        else:
+            _load_without_heads(model, variant, _cfg(preset))
+    return model
+
+
+def _load_without_heads(model: DeMansia2Net, variant: str, cfg: dict[str, Any]) -> None:
+    """Released weights for a network with another class count: everything but `head` / `aux_head`."""
+    from models.demansia2.convert import released_state
+    from zoo.pretrained import pretrained_state
+
+    state = {k: v for k, v in pretrained_state(variant, cfg, released_state).items()
+             if not k.startswith(("head.", "aux_head."))}
+    model.load_state_dict(state, strict=False)
 
 
 @register_model

@@ -37,6 +37,29 @@ def build_network(cfg: DeMansia2Config) -> nn.Module:
     return timm.create_model(cfg.backbone, num_classes=cfg.num_classes, **extra)
 
 
+def load_released(net: nn.Module, cfg: DeMansia2Config) -> str:
+    """Load the released DeMansia 2 Tiny EMA weights (`zoo.pretrained`: cached, else downloaded and converted) into
+    `net`; the class heads only when there are 1000 classes. Returns a one-line report."""
+    from models.demansia2.convert import released_state
+    from models.demansia2.model import RELEASE_PRESET, default_cfgs
+    from zoo.pretrained import pretrained_state
+
+    name = "demansia2_tiny"
+    state = pretrained_state(name, default_cfgs[name].default.to_dict(), released_state)
+    heads = cfg.num_classes == 1000
+    if not heads:
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "aux_head."))}
+    own = net.state_dict()
+    wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if wrong or cfg.scan_mode != "legacy":
+        raise ZooError(f"pretrained=true loads the released DeMansia 2 Tiny, whose network is --preset "
+                       f"{RELEASE_PRESET} (legacy mixer); this config's network differs ({len(wrong)} tensors do not "
+                       f"fit, e.g. {wrong[:2]}; scan_mode={cfg.scan_mode}). Use --preset {RELEASE_PRESET}.")
+    net.load_state_dict(state, strict=heads)
+    return (f"loaded the released DeMansia 2 Tiny EMA weights ({len(state)} tensors"
+            f"{'' if heads else ', class heads left new'})")
+
+
 class DeMansia2(ZooModule):
     """DeMansia 2 training and inference.
 
@@ -71,6 +94,14 @@ class DeMansia2(ZooModule):
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W), normalised with ImageNet mean/std -> logits (B, num_classes)."""
         return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        """`pretrained`: the released Tiny EMA weights start a new run (never a resume, never a checkpoint's own
+        weights). `teacher`: the token labels missing from the datamodule's label folder are made first (on rank 0,
+        resumable; the cost is printed), before the training loader reads them."""
+        if stage == "fit" and self.cfg.pretrained and not getattr(self._trainer, "ckpt_path", None):
+            print(f"[demansia2] {load_released(self.net, self.cfg)}")
+        self._make_token_labels(stage)
 
     # ----- training -----
     @property
@@ -131,9 +162,7 @@ class DeMansia2(ZooModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def setup(self, stage: str) -> None:
-        """With `teacher`: the token labels missing from the datamodule's label folder are made first (on rank 0,
-        resumable; the cost is printed), before the training loader reads them."""
+    def _make_token_labels(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage != "fit" or not getattr(self.cfg, "teacher", None) or not hasattr(dm, "token_label_root"):
             return

@@ -137,11 +137,22 @@ class HandBiometrics(Embedder, ZooModule):
     def setup(self, stage: str) -> None:
         path = self.cfg.pretrained_ckpt
         fresh = stage == "fit" and not getattr(self._trainer, "ckpt_path", None)  # not a resume
-        if fresh and self.cfg.pretrained:  # a timm backbone (config check); weights loaded here, not on every load
-            self.net.encoder.load_state_dict(timm_encoder(self.cfg.backbone, pretrained=True).state_dict())
-            print(f"[hand] loaded the published weights of {self.cfg.backbone} into the encoder")
+        if fresh and self.cfg.pretrained:  # weights loaded here, not on every load
+            if self.cfg.backbone == "vmamba":  # VMamba v0's release of this size (zoo.pretrained: cached)
+                from models.vmamba.convert import vmamba_v0_release_state
+                from models.vmamba.model import _vmamba_cfg
+                from zoo.pretrained import pretrained_state
+
+                name = f"vmamba_{self.cfg.encoder}_v0"
+                state = pretrained_state(name, _vmamba_cfg(self.cfg.encoder), vmamba_v0_release_state)
+                report = load_vmamba_v0(self.net.encoder, state)
+                print(f"[hand] loaded the released {name} weights into the encoder ({len(report['missing'])} "
+                      f"encoder key(s) not loaded {report['missing'][:3]})")
+            else:
+                self.net.encoder.load_state_dict(timm_encoder(self.cfg.backbone, pretrained=True).state_dict())
+                print(f"[hand] loaded the published weights of {self.cfg.backbone} into the encoder")
         if fresh and path:
-            report = load_vmamba_v0(self.net.encoder, path)
+            report = load_vmamba_v0(self.net.encoder, path, ema=self.cfg.pretrained_ema)
             print(f"[hand] loaded VMamba v0 weights from {path}: {len(report['missing'])} encoder key(s) not loaded "
                   f"{report['missing'][:5]}, {len(report['unexpected'])} checkpoint key(s) unused "
                   f"{report['unexpected'][:5]}, {len(report['mismatched'])} with another shape {report['mismatched'][:5]}")

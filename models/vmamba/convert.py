@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from models.blocks import vmamba_key_map
-from zoo.errors import ZooError
 
 _RELEASE_URL = "https://github.com/MzeroMiko/VMamba/releases/download/%23v0cls/"
 # The v0 classifier releases (VMamba assets/performance.md; sizes and sha256 from the git-lfs pointers of a public
@@ -27,21 +25,16 @@ RELEASES: dict[str, dict[str, Any]] = {
 }
 
 
-def load_vmamba_v0(encoder: nn.Module, source: Any) -> dict[str, list[str]]:
-    """Load VMamba v0 weights (a checkpoint path, read with weights_only=True, whose `model` entry is used; or a
-    state_dict) into `encoder` (a `VMambaV0`) through `vmamba_key_map`. Returns {"missing": [...], "unexpected":
-    [...], "mismatched": [...]}: the encoder keys not loaded, the checkpoint keys not used (e.g. `head.*` for another
-    class count), and those with a different shape (skipped)."""
+def load_vmamba_v0(encoder: nn.Module, source: Any, ema: bool = False) -> dict[str, list[str]]:
+    """Load VMamba v0 weights into `encoder` (a `VMambaV0`) through `vmamba_key_map`: a release file, read as data
+    (`zoo.checkpoint.read_state_dict`: foreign classes such as its yacs config become inert placeholders), whose
+    `model` entry is used (`model_ema` with `ema`); or a state_dict. Returns {"missing": [...], "unexpected": [...],
+    "mismatched": [...]}: the encoder keys not loaded, the checkpoint keys not used (e.g. `head.*` for another class
+    count), and those with a different shape (skipped)."""
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        try:
-            ckpt = torch.load(source, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ZooError(f"pretrained_ckpt {source}: file not found. Give the path of VMamba's v0 checkpoint "
-                           f"(vssmtiny_dp01_ckpt_epoch_292.pth / vssmsmall_dp03_ckpt_epoch_238.pth).") from None
-        except Exception as e:
-            raise ZooError(f"pretrained_ckpt {source}: cannot read it safely ({type(e).__name__}: {str(e)[:160]}). "
-                           f"Only tensor checkpoints are accepted (weights_only=True).") from None
-        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+        from zoo.checkpoint import read_state_dict
+
+        state = read_state_dict(source, ("model_ema", "model") if ema else ("model",), "pretrained_ckpt")
     else:
         state = source
     state: dict[str, Tensor] = vmamba_key_map({k.removeprefix("module."): v for k, v in state.items()})
@@ -51,3 +44,10 @@ def load_vmamba_v0(encoder: nn.Module, source: Any) -> dict[str, list[str]]:
               "mismatched": sorted(k for k in state if k in own and own[k].shape != state[k].shape)}
     encoder.load_state_dict(usable, strict=False)
     return report
+
+
+def vmamba_v0_release_state(path: Any) -> dict[str, Tensor]:
+    """A VMamba v0 release file's `model` entry under our names (`zoo.pretrained` converts and caches it once)."""
+    from zoo.checkpoint import read_state_dict
+
+    return vmamba_key_map(read_state_dict(path, ("model",), "VMamba v0 release"))

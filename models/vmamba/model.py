@@ -18,6 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from models.blocks import VSSBlock
+from zoo.errors import ZooError
 
 # VMamba v0 sizes (VMamba classification/configs/vssm/vmambav0_*_224.yaml); micro is a CPU-sized model of the same layout.
 VMAMBA_V0_SIZES: dict[str, dict[str, Any]] = {
@@ -150,21 +151,30 @@ def _vmamba_cfg(size: str) -> dict[str, Any]:
                 first_conv="patch_embed.proj", classifier="head", license="mit",
                 origin_url="https://github.com/MzeroMiko/VMamba", paper_ids="arXiv:2401.10166",
                 description=release.get("metric", "no released weights (CPU-sized layout)"),
-                notes=(f"sha256 {release['sha256']}",) if release else ())
+                notes=f"file={release['file']}; sha256={release['sha256']}" if release else "")
 
 
 default_cfgs = generate_default_cfgs({f"vmamba_{s}_v0": _vmamba_cfg(s) for s in VMAMBA_V0_SIZES})
 
 
 def _create(size: str, pretrained: bool, **kwargs: Any) -> VMambaV0:
-    if pretrained:
-        raise ValueError(f"vmamba_{size}_v0: no download; load VMamba's v0 checkpoint with "
-                         f"models.vmamba.load_vmamba_v0(model, path)")
+    from models.vmamba.convert import RELEASES, load_vmamba_v0, vmamba_v0_release_state
+
+    if pretrained and size not in RELEASES:
+        raise ZooError(f"vmamba_{size}_v0 has no released weights (vmamba_tiny_v0 and vmamba_small_v0 have).")
     kwargs.setdefault("num_classes", 1000 if size != "micro" else 0)
     if "drop_path_rate" in kwargs:
         kwargs["drop_path"] = kwargs.pop("drop_path_rate")
-    return build_model_with_cfg(VMambaV0, f"vmamba_{size}_v0", False, **VMAMBA_V0_SIZES[size], **kwargs,
-                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)))
+    model = build_model_with_cfg(VMambaV0, f"vmamba_{size}_v0", False, **VMAMBA_V0_SIZES[size], **kwargs,
+                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)))
+    if pretrained:  # the release, downloaded once, converted and cached as safetensors (zoo.pretrained)
+        from zoo.pretrained import pretrained_state
+
+        state = pretrained_state(f"vmamba_{size}_v0", _vmamba_cfg(size), vmamba_v0_release_state)
+        report = load_vmamba_v0(model, state)
+        if [k for k in report["missing"] if not k.startswith("head.")]:
+            raise ZooError(f"vmamba_{size}_v0: the released weights leave {report['missing'][:4]} unloaded.")
+    return model
 
 
 @register_model
