@@ -116,7 +116,7 @@ def genuine(tmp_path_factory):
                 extra = ["--set", "pretrained=false"] if hasattr(cfg, "pretrained") else []
                 out = train.run(["--model", name, "--max-steps", "1", "--limit-val-batches", "1", "--logger", "none",
                                  "--progress", "none", "--run-name", "g", "--batch-size", "4", "--set",
-                                 "num_workers=0", "--set", "image_size=64", *extra])
+                                 "num_workers=0", "--set", "image_size=32", *extra])
             finally:
                 zoo.trainer.CHECKPOINT_ROOT = old
             paths[name] = out["run_dir"] / "last.ckpt"
