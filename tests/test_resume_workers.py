@@ -69,6 +69,7 @@ def _cheap(task: str) -> list[str]:
     return ["--set", "grid_every_n_steps=0"] if hasattr(cfg, "grid_every_n_steps") else []
 
 
+@pytest.mark.slow  # every task's state; the toy task's cases below test the mechanism in the inner loop
 @pytest.mark.parametrize("task", READY)
 def test_task_resume_exact_with_workers(task, tmp_path, monkeypatch, one_thread):
     """Per task: Ctrl-C before step 3's batch trains (mid-epoch, the batch already fetched by the workers); that run
@@ -148,6 +149,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     return read_checkpoint(root / "checkpoints" / "toy" / "full" / "last.ckpt")
 
 
+@pytest.mark.slow  # three train.py processes (imports of Lightning, timm, ... each); in-process cases above
 @pytest.mark.parametrize("signal_name,at,step", [("KILL", "batch", 16), ("INT", "validation", 12)])
 def test_real_signal_then_resume(toy_registered, uninterrupted, signal_name, at, step):
     """A real SIGKILL (mid-epoch) or SIGINT to the process group (epoch end) of a train.py process with workers; the
