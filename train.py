@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--num-workers", type=int, help="data-loader worker processes")
     g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    g.add_argument("--limit-train-batches", type=float, default=None, help="fraction (<=1) or number of batches")
-    g.add_argument("--limit-val-batches", type=float, default=None, help="fraction (<=1) or number of batches")
+    g.add_argument("--limit-train-batches", type=_batches, default=None,
+                   help="number of batches (an integer: 1 = one batch) or fraction (with a point: 1.0 = all, 0.25)")
+    g.add_argument("--limit-val-batches", type=_batches, default=None,
+                   help="number of batches (an integer: 1 = one batch) or fraction (with a point: 1.0 = all, 0.25)")
     g.add_argument("--fast-dev-run", action="store_true", help="one training and one validation batch, no logging")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     h = p.add_argument_group("hardware")
@@ -339,8 +341,16 @@ def print_description(info: dict[str, Any], as_json: bool, model: str, source: s
     return info
 
 
+def _batches(text: str) -> float | int:
+    """`--limit-*-batches`: "1" is one batch and "1.0" all of them, as in Lightning's own CLI (int = count)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _limit(x: float | None) -> float | int | None:
-    return int(x) if x is not None and x > 1 else x
+    return int(x) if x is not None and (isinstance(x, int) or x > 1) else x
 
 
 def main(argv: list[str] | None = None) -> int:

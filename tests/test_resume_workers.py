@@ -54,31 +54,49 @@ def _crash_and_resume(common, name, step, at, kind, monkeypatch, ckpt_root):
     return train.run(common + ["--resume", str(last)]), saved
 
 
-# 4 training batches per epoch, 2 epochs, a step checkpoint every 2 steps, 2 loader workers.
-TASK_ARGS = ["--logger", "none", "--progress", "none", "--preset", "micro", "--epochs", "2", "--batch-size", "4",
+# 4 training batches of 2 per epoch, 2 epochs, one validation batch, a step checkpoint every 2 steps, 2 loader workers.
+TASK_ARGS = ["--logger", "none", "--progress", "none", "--preset", "micro", "--epochs", "2", "--batch-size", "2",
              "--limit-train-batches", "4", "--limit-val-batches", "1", "--num-workers", "2",
              "--ckpt-every-n-steps", "2"]
 # 32 px keeps every task's micro network at a few tokens (palm's micro preset is 32 px already).
 SMALL_IMAGES = ["--set", "image_size=32"]
 
 
+def _cheap(task: str) -> list[str]:
+    """No sample grid (palm's end-of-training DDIM grid was half the test's time; it reads the weights, never
+    changes them, and has its own tests)."""
+    cfg = model_config.REGISTRY[task].config.from_presets("micro")
+    return ["--set", "grid_every_n_steps=0"] if hasattr(cfg, "grid_every_n_steps") else []
+
+
+@pytest.mark.slow  # every task's state; the toy task's cases below test the mechanism in the inner loop
 @pytest.mark.parametrize("task", READY)
-def test_task_resume_exact_with_workers(task, tmp_path, monkeypatch):
-    """Per task: killed right after the step checkpoint of the epoch's last step (step 4, before its validation),
-    and Ctrl-C before step 4's batch trains (mid-epoch, the batch already fetched by the workers)."""
+def test_task_resume_exact_with_workers(task, tmp_path, monkeypatch, one_thread):
+    """Per task: Ctrl-C before step 3's batch trains (mid-epoch, the batch already fetched by the workers); that run
+    resumed, then killed right after the step checkpoint of the epoch's last step (step 4, before its validation);
+    resumed again to the end: the weights equal an uninterrupted run's (a chain, so 4 runs test both kinds)."""
     import zoo.trainer
 
     monkeypatch.setattr(zoo.trainer, "CHECKPOINT_ROOT", tmp_path)
-    common = ["--model", task, *TASK_ARGS, *SMALL_IMAGES]
+    common = ["--model", task, *TASK_ARGS, *SMALL_IMAGES, *_cheap(task)]
     full = train.run(common + ["--run-name", "full"])
     assert full["trainer"].global_step == 8
     ref = _state(full)
-    for name, step, at, kind, saved_step in (("kill_epoch_end", 4, "validation", "kill", 4),
-                                             ("ctrl_c_mid_epoch", 3, "batch", "int", 3)):
-        out, saved = _crash_and_resume(common, name, step, at, kind, monkeypatch, tmp_path / task)
-        assert saved["global_step"] == saved_step
-        assert out["trainer"].global_step == 8 and out["trainer"].current_epoch == 2
-        _assert_same(ref, _state(out), f"{task} {name}")
+    from callbacks.final_checkpoint import CrashCheckpoint
+
+    last = tmp_path / task / "run" / "last.ckpt"
+    with pytest.raises(SystemExit):  # Ctrl-C: Lightning catches it, our crash checkpoint writes last.ckpt, exit(1)
+        train.run(common + ["--run-name", "run"], extra_callbacks=[InterruptAt(3, raise_(KeyboardInterrupt))])
+    assert read_checkpoint(last)["global_step"] == 3
+    with monkeypatch.context() as m:  # SIGKILL runs no handler: only the periodic step checkpoint is on disk
+        m.setattr(CrashCheckpoint, "on_exception", lambda *a, **k: None)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.run(common + ["--resume", str(last)],
+                      extra_callbacks=[InterruptAt(4, raise_(RuntimeError), "validation")])
+    assert read_checkpoint(last)["global_step"] == 4
+    out = train.run(common + ["--resume", str(last)])
+    assert out["trainer"].global_step == 8 and out["trainer"].current_epoch == 2
+    _assert_same(ref, _state(out), f"{task} Ctrl-C at step 3, then kill at step 4")
 
 
 COMBOS = [("kill", "batch", 15), ("int", "batch", 16), ("kill", "validation", 12), ("int", "validation", 12)]
@@ -110,22 +128,34 @@ def test_workers_give_the_same_batches_as_the_main_process(toy_registered):
     _assert_same(_state(a), _state(b), "0 vs 2 workers")
 
 
-def _train_cmd(tmp_path: Path, signal_name: str, step: int, at: str, extra: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "tests" / "crash.py"), "--signal", signal_name, "--at-step", str(step),
-            "--at", at, "--", "--model", "toy", "--logger", "none", "--progress", "none", "--num-workers", "2",
-            "--epochs", "2", "--ckpt-every-n-steps", "3", *extra]
+def _train_cmd(signal_name: str | None, step: int, at: str, extra: list[str]) -> list[str]:
+    sig = ["--signal", signal_name, "--at-step", str(step), "--at", at] if signal_name else []
+    return [sys.executable, str(ROOT / "tests" / "crash.py"), *sig, "--", "--model", "toy", "--logger", "none",
+            "--progress", "none", "--num-workers", "2", "--epochs", "2", "--ckpt-every-n-steps", "3", *extra]
 
 
+def _env(root: Path) -> dict[str, str]:
+    return dict(os.environ, ZOO_CHECKPOINT_DIR=str(root / "checkpoints"), ZOO_DEMO_DIR=str(root / "demo"),
+                PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The last.ckpt of one uninterrupted `train.py` process (the same for both signals: no signal is sent)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    full = subprocess.run(_train_cmd(None, 0, "batch", ["--run-name", "full"]), env=_env(root), capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    return read_checkpoint(root / "checkpoints" / "toy" / "full" / "last.ckpt")
+
+
+@pytest.mark.slow  # three train.py processes (imports of Lightning, timm, ... each); in-process cases above
 @pytest.mark.parametrize("signal_name,at,step", [("KILL", "batch", 16), ("INT", "validation", 12)])
-def test_real_signal_then_resume(toy_registered, signal_name, at, step):
+def test_real_signal_then_resume(toy_registered, uninterrupted, signal_name, at, step):
     """A real SIGKILL (mid-epoch) or SIGINT to the process group (epoch end) of a train.py process with workers; the
     Ctrl-C prints where the checkpoint is and the command that resumes it, which then finishes the run exactly."""
-    env = dict(os.environ, ZOO_CHECKPOINT_DIR=str(toy_registered / "checkpoints"),
-               ZOO_DEMO_DIR=str(toy_registered / "demo"), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
-    full = subprocess.run(_train_cmd(toy_registered, signal_name, 10**9, at, ["--run-name", "full"]), env=env,
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert full.returncode == 0, full.stderr[-2000:]
-    crashed = subprocess.run(_train_cmd(toy_registered, signal_name, step, at, ["--run-name", "c"]), env=env,
+    env = _env(toy_registered)
+    crashed = subprocess.run(_train_cmd(signal_name, step, at, ["--run-name", "c"]), env=env,
                              capture_output=True, text=True, cwd=ROOT, timeout=300, start_new_session=True)
     last = toy_registered / "checkpoints" / "toy" / "c" / "last.ckpt"
     if signal_name == "KILL":
@@ -138,10 +168,9 @@ def test_real_signal_then_resume(toy_registered, signal_name, at, step):
         command = next(line.strip() for line in crashed.stderr.splitlines() if "--resume" in line)
         assert command.endswith(f"--resume {last}") and "--run-name" not in command
     shutil.copy(last, toy_registered / "crash.ckpt")
-    resumed = subprocess.run(_train_cmd(toy_registered, signal_name, 10**9, at, ["--resume", str(last)]), env=env,
+    resumed = subprocess.run(_train_cmd(None, 0, at, ["--resume", str(last)]), env=env,
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = read_checkpoint(toy_registered / "checkpoints" / "toy" / "full" / "last.ckpt")
-    b = read_checkpoint(last)
+    a, b = uninterrupted, read_checkpoint(last)
     assert a["global_step"] == b["global_step"] == 24
     _assert_same(a["state_dict"], b["state_dict"], f"real SIG{signal_name}")

@@ -154,3 +154,14 @@ def test_worker_error_is_printed_without_the_worker_traceback(toy_registered, ca
     err = _error(capsys, ["--model", "toy", "--logger", "none", "--progress", "none", "--max-steps", "1",
                           "--num-workers", "1"])
     assert err.startswith("error: Cannot read image /data/img_") and "Original Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,batches,run", [("1", 1, 1), ("3", 3, 3), ("1.0", 1.0, 3), ("0.5", 0.5, 1)])
+def test_limit_batches_counts_an_integer_and_takes_a_fraction_with_a_point(toy_registered, flag, batches, run):
+    """As in Lightning's own CLI: `--limit-val-batches 1` is one batch (the toy's validation set has 3 of 8),
+    `1.0` all of them."""
+    out = train.run(["--model", "toy", "--logger", "none", "--progress", "none", "--max-steps", "1",
+                     "--limit-train-batches", flag, "--limit-val-batches", flag])
+    trainer = out["trainer"]
+    assert trainer.limit_val_batches == batches and type(trainer.limit_val_batches) is type(batches)
+    assert trainer.num_val_batches == [run]
