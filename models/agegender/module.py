@@ -70,16 +70,17 @@ class AgeGender(ZooModule):
         metrics.update(age.detach().float(), logit.detach().float(), batch["age"], batch["gender"])
         n = batch["image"].shape[0]
         self.log(f"{split}/loss", losses["loss"], prog_bar=True, batch_size=n, on_step=split == "train",
-                 on_epoch=True)
+                 on_epoch=True, sync_dist=split != "train")
         self.log_dict({f"{split}/age_loss": losses["age"], f"{split}/gender_loss": losses["gender"]}, batch_size=n,
-                      on_step=False, on_epoch=True)
+                      on_step=False, on_epoch=True, sync_dist=split != "train")
         return losses["loss"]
 
     def _log_metrics(self, split: str, metrics: AgeGenderMetrics) -> None:
         values = {f"{split}/{k}": v for k, v in metrics.compute().items()}
         headline = {k: values.pop(k) for k in (f"{split}/age_mae", f"{split}/gender_acc")}
-        self.log_dict(headline, prog_bar=split == "val")
-        self.log_dict(values)
+        # torchmetrics' compute() has gathered every rank already; sync_dist averages equal values (Lightning's ask)
+        self.log_dict(headline, prog_bar=split == "val", sync_dist=True)
+        self.log_dict(values, sync_dist=True)
         metrics.reset()
 
     def training_step(self, batch, batch_idx):

@@ -152,7 +152,7 @@ class DeMansia2(ZooModule):
             self.metrics["top1" + suffix].update(logits, labels)
             self.metrics["top5" + suffix].update(logits, labels)
             self.log(f"{prefix}/loss{suffix}", F.cross_entropy(logits.float(), labels), prog_bar=not suffix,
-                     batch_size=len(x))
+                     batch_size=len(x), sync_dist=True)
             self.log(f"{prefix}/top1{suffix}", self.metrics["top1" + suffix], prog_bar=not suffix, batch_size=len(x))
             self.log(f"{prefix}/top5{suffix}", self.metrics["top5" + suffix], batch_size=len(x))
 

@@ -95,15 +95,16 @@ class PalmDiffusion(ZooModule):
         seed = int(self.cfg.seed) * 100_003 + batch_idx
         if self.has_ema:
             self.log("val/loss", self.fixed_loss(self.ema.ema_model, images, seed), prog_bar=True,
-                     batch_size=len(images))
-            self.log("val/loss_raw", self.fixed_loss(self.net, images, seed), batch_size=len(images))
+                     batch_size=len(images), sync_dist=True)
+            self.log("val/loss_raw", self.fixed_loss(self.net, images, seed), batch_size=len(images), sync_dist=True)
         else:  # sanity check before the first step
-            self.log("val/loss", self.fixed_loss(self.net, images, seed), prog_bar=True, batch_size=len(images))
+            self.log("val/loss", self.fixed_loss(self.net, images, seed), prog_bar=True, batch_size=len(images),
+                     sync_dist=True)
 
     def test_step(self, batch, batch_idx):
         images, _ = batch
         self.log("test/loss", self.fixed_loss(self.ema_diffusion, images, int(self.cfg.seed) * 100_003 + batch_idx),
-                 batch_size=len(images))
+                 batch_size=len(images), sync_dist=True)
 
     # ----- sampling -----
     @torch.no_grad()
