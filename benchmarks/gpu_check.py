@@ -271,7 +271,7 @@ def speed(dev: torch.device) -> str:
         for length in (197, 1024):
             x = torch.randn(16, length, d, device=dev, requires_grad=True)
 
-            def fb(m):
+            def fb(m, x=x):
                 def step():
                     m(x).float().sum().backward()
                 return _bf16(step)
