@@ -200,3 +200,33 @@ def test_every_chunk_length_the_op_picks_matches_the_reference(mamba_ref, seqlen
         inputs = [x, dt, A, B, C] + ([init] if with_state else [])
         for a, r in zip(torch.autograd.grad(_loss(outs), inputs), torch.autograd.grad(_loss(refs), inputs)):
             assert_close(a, r, 1e-9, f"grad (chunk {q})")
+
+
+@pytest.mark.parametrize("scale,expect", [(0.1, "one factored chunk"), (1.0, "shorter factored chunks"),
+                                          (30.0, "decay matrices")])
+def test_factored_and_exact_paths_match_the_reference(mamba_ref, monkeypatch, scale, expect):
+    """The decay strength picks the path: weak, one chunk with factored decays; moderate, the chunk halved until each
+    decays by at most FACTOR_SPAN; strong, per-head decay matrices. Each matches ssd_minimal_discrete (float32)."""
+    seqlen = 197
+    x, dt, A, B, C, init = (t.detach() for t in _scan_inputs(2, seqlen, 4, 8, 2, 16, torch.float32, seed=3))
+    dt, A = (dt * scale).requires_grad_(), A.requires_grad_()
+    paths = []
+    factorable = ssd._factorable
+    monkeypatch.setattr(ssd, "_factorable",
+                        lambda Acs: paths.append((Acs.shape[-1], factorable(Acs))) or paths[-1][1])
+    y, final = mamba_chunk_scan_combined(x, dt, A, B, C, 256, initial_states=init, return_final_states=True)
+    q, factored = paths[0]
+    assert {"one factored chunk": q == seqlen and factored, "shorter factored chunks": q < seqlen and factored,
+            "decay matrices": q == seqlen and not factored}[expect], (q, factored)
+    pad = (-seqlen) % 16
+    x64, dt64, A64, B64, C64, init64 = (t.double() for t in (x, dt, A, B, C, init))  # a float64 reference
+    Bh, Ch = (F.pad(repeat(t, "b l g n -> b l (g r) n", r=2), (0, 0, 0, 0, 0, pad)) for t in (B64, C64))
+    y_ref, final_ref = mamba_ref.ssd_minimal_discrete(F.pad(x64 * dt64[..., None], (0, 0, 0, 0, 0, pad)),
+                                                      F.pad(A64 * dt64, (0, 0, 0, pad)), Bh, Ch, 16,
+                                                      initial_states=init64[:, None])
+    assert_close(y.double(), y_ref[:, :seqlen], TOL[torch.float32], "y")
+    assert_close(final.double(), final_ref, TOL[torch.float32], "final")
+    g = torch.autograd.grad(_loss([y, final]), [dt, A])
+    g_ref = torch.autograd.grad(_loss([y_ref[:, :seqlen].float(), final_ref.float()]), [dt, A])
+    for a, r in zip(g, g_ref):  # A / dt gradients sum 2 x 197 float32 steps (strong decay: 4e-4 of the largest)
+        assert_close(a.double(), r, 5e-4, "grad")

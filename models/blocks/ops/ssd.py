@@ -9,9 +9,10 @@ Recurrence per head h (state S_t of shape (P, N), one step per token t):
 
 The portable scan splits the sequence into equal chunks of a length it picks itself (`portable_chunk_len`; the
 `chunk_size` argument is the kernels'): inside a chunk the outputs are a masked, decay-weighted attention-like
-product (one (q, q) decay matrix per head), across chunks the states are passed by one small matrix product over the
-chunk boundaries. Everything is batched tensor algebra (no Python loop
-over time or chunks, no host synchronisation), autograd gives the backward pass, any length works (padded
+product (the decays factored per token when a chunk decays by less than FACTOR_SPAN, else one (q, q) decay matrix
+per head), across chunks the states are passed by one small matrix product over the chunk boundaries. Everything is
+batched tensor algebra (no Python loop over time or chunks; one host synchronisation, the decay check), autograd
+gives the backward pass, any length works (padded
 internally), and float32 / float64 / bfloat16 are supported (bfloat16 is computed in float32).
 
 Public entry points mirror mamba-ssm: `mamba_chunk_scan_combined`, `mamba_split_conv1d_scan_combined`, and
@@ -82,6 +83,39 @@ def _acausal(rows: int, cols: int, diagonal: int, device: torch.device) -> Tenso
         return torch.ones(rows, cols, dtype=torch.bool, device=device).triu(diagonal + 1)
 
 
+# Largest log-decay over one chunk for which the intra-chunk product is factored (see ssd_chunked): its factors stay
+# within exp(+-FACTOR_SPAN / 2) (1e17 in float32, far from overflow with any sane input scale).
+FACTOR_SPAN = {torch.float64: 600.0, torch.float32: 80.0}
+
+
+def _factorable(Acs: Tensor) -> bool:
+    """Whether every chunk's total log-decay (Acs[..., -1], <= 0) is within FACTOR_SPAN (one host sync)."""
+    span = FACTOR_SPAN.get(Acs.dtype, 0.0)
+    return span > 0 and bool(Acs[..., -1].detach().min() >= -span)
+
+
+MIN_FACTOR_CHUNK = 16
+
+
+def factored_chunk_len(dA: Tensor, chunk_len: int) -> int:
+    """The chunk length the portable scan runs at: `chunk_len`, else the longest of the lengths that spread the
+    tokens evenly over 2x, 4x, ... as many chunks (down to MIN_FACTOR_CHUNK) whose every chunk decays by at most
+    FACTOR_SPAN, so that ssd_chunked factors its decays; `chunk_len` again when none does (strong decay: the
+    per-head decay matrices). dA: (b, l, h) per-token log-decays dt * A (<= 0)."""
+    span = FACTOR_SPAN.get(dA.dtype, 0.0)
+    b, seqlen, h = dA.shape
+    q, dA = chunk_len, dA.detach()
+    while span > 0:
+        sums = F.pad(dA, (0, 0, 0, (-seqlen) % q)).view(b, -1, q, h).sum(2)
+        if bool(sums.min() >= -span):
+            return q
+        nc = 2 * math.ceil(seqlen / q)
+        if nc > seqlen or math.ceil(seqlen / nc) < MIN_FACTOR_CHUNK:
+            break
+        q = math.ceil(seqlen / nc)
+    return chunk_len
+
+
 def _decay(log_decay: Tensor) -> Tensor:
     """exp of log-decays (<= 0), floored (see _EXP_FLOOR)."""
     return torch.exp(log_decay.clamp(min=_floor(log_decay.dtype)))
@@ -142,12 +176,22 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_le
     Acs = torch.cumsum(rearrange(dt, "b (c q) h -> b c h q", q=q) * A[:, None], dim=-1)  # log-decay since chunk start
     nc = Acs.shape[1]
 
-    # 1. Inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(Acs_i - Acs_j) dt_j x_j, one (q, q) decay per head.
-    #    The causal mask goes on C.B (per group), the decays are one (q, q) matrix per head.
+    # 1. Inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(Acs_i - Acs_j) dt_j x_j.
+    #    The causal mask goes on C.B (per group). When no chunk decays by more than FACTOR_SPAN (checked on the
+    #    host), exp(Acs_i - Acs_j) = exp(Acs_i - m) exp(m - Acs_j) with m half the chunk's log-decay (every factor
+    #    within exp(+-FACTOR_SPAN / 2)): y = exp(Acs - m) * (CB @ (exp(m - Acs) * xdt)), one product per group
+    #    over all its heads and no (q, q) work per head. Otherwise one (q, q) decay matrix per head.
     CB = torch.matmul(Cc, Bc.transpose(-1, -2)).masked_fill_(_acausal(q, q, 0, x.device), 0.0)  # (b, c, g, q, q)
-    M = _CausalDecayMatrix.apply(Acs, CB, g)  # (b, c, g, r, q, q)
-    y = torch.matmul(M, rearrange(xdt, "b (c q) (g r) p -> b c g r q p", q=q, g=g))  # (b, c, g, r, q, p)
-    y = rearrange(y, "b c g r q p -> b (c q) (g r) p")
+    if _factorable(Acs):
+        rel = Acs - 0.5 * Acs[..., -1:].detach()  # m cancels in exact arithmetic: no gradient through it
+        xs = rearrange(xdt, "b (c q) (g r) p -> b c g q r p", q=q, g=g)
+        xs = xs * rearrange(torch.exp(-rel), "b c (g r) q -> b c g q r 1", g=g)
+        y = rearrange(torch.matmul(CB, xs.flatten(-2)), "b c g q (r p) -> b (c q) (g r) p", r=r)
+        y = y * rearrange(torch.exp(rel), "b c h q -> b (c q) h 1")
+    else:
+        M = _CausalDecayMatrix.apply(Acs, CB, g)  # (b, c, g, r, q, q)
+        y = torch.matmul(M, rearrange(xdt, "b (c q) (g r) p -> b c g r q p", q=q, g=g))  # (b, c, g, r, q, p)
+        y = rearrange(y, "b c g r q p -> b (c q) (g r) p")
     if nc == 1 and initial_states is None and not return_final:
         return y[:, :seqlen], None
 
@@ -206,8 +250,10 @@ def mamba_chunk_scan_combined_portable(
         raise NotImplementedError("seq_idx / varlen states need mamba-ssm's CUDA kernels")
     cdt = compute_dtype(x.dtype)
     dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, cdt)
-    y, final = ssd_chunked(x.to(cdt), dt, A.to(cdt), B.to(cdt), C.to(cdt), portable_chunk_len(x.shape[1], x.device),
-                           initial_states, return_final=return_final_states)
+    A = A.to(cdt)
+    q = factored_chunk_len(dt * A, portable_chunk_len(x.shape[1], x.device))
+    y, final = ssd_chunked(x.to(cdt), dt, A, B.to(cdt), C.to(cdt), q, initial_states,
+                           return_final=return_final_states)
     y = _skip_and_gate(y, x, D, z).to(x.dtype)
     return (y, final) if return_final_states else y
 
