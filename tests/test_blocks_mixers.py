@@ -87,7 +87,8 @@ def _no_sync(*args, **kwargs):
 @pytest.mark.parametrize("name", [*MIXERS, "MHA", "Block"])
 def test_forward_has_no_host_synchronisation(name, monkeypatch):
     """`.item()`, `.tolist()`, `bool(tensor)` (python `if tensor`) and `float(tensor)` stall a GPU; none may run in a
-    forward pass of a block (patched to raise while the forward runs)."""
+    forward pass of a block (patched to raise while the forward runs). (The portable SSD reads one value of a CPU
+    tensor from host memory to pick its intra-chunk path; on a device it never reads one.)"""
     if name == "MHA":
         torch.manual_seed(0)
         m, u = MHA(32, num_heads=2, head_dim=16, d_conv=4, rotary_emb_dim=8), torch.randn(2, 7, 32)

@@ -88,10 +88,18 @@ def _acausal(rows: int, cols: int, diagonal: int, device: torch.device) -> Tenso
 FACTOR_SPAN = {torch.float64: 600.0, torch.float32: 80.0}
 
 
+def _host_min(t: Tensor) -> float | None:
+    """min(t) read from host memory for a CPU tensor; None on a device, where reading it would stall the device (the
+    callers then take the path that needs no value: a GPU runs mamba-ssm's kernels anyway)."""
+    if t.device.type != "cpu":
+        return None
+    return float(t.detach().min().numpy())
+
+
 def _factorable(Acs: Tensor) -> bool:
-    """Whether every chunk's total log-decay (Acs[..., -1], <= 0) is within FACTOR_SPAN (one host sync)."""
-    span = FACTOR_SPAN.get(Acs.dtype, 0.0)
-    return span > 0 and bool(Acs[..., -1].detach().min() >= -span)
+    """Whether every chunk's total log-decay (Acs[..., -1], <= 0) is within FACTOR_SPAN (CPU tensors only)."""
+    span, low = FACTOR_SPAN.get(Acs.dtype, 0.0), _host_min(Acs[..., -1])
+    return span > 0 and low is not None and low >= -span
 
 
 MIN_FACTOR_CHUNK = 16
@@ -102,12 +110,12 @@ def factored_chunk_len(dA: Tensor, chunk_len: int) -> int:
     tokens evenly over 2x, 4x, ... as many chunks (down to MIN_FACTOR_CHUNK) whose every chunk decays by at most
     FACTOR_SPAN, so that ssd_chunked factors its decays; `chunk_len` again when none does (strong decay: the
     per-head decay matrices). dA: (b, l, h) per-token log-decays dt * A (<= 0)."""
-    span = FACTOR_SPAN.get(dA.dtype, 0.0)
+    span = FACTOR_SPAN.get(dA.dtype, 0.0) if dA.device.type == "cpu" else 0.0
     b, seqlen, h = dA.shape
     q, dA = chunk_len, dA.detach()
     while span > 0:
         sums = F.pad(dA, (0, 0, 0, (-seqlen) % q)).view(b, -1, q, h).sum(2)
-        if bool(sums.min() >= -span):
+        if _host_min(sums) >= -span:
             return q
         nc = 2 * math.ceil(seqlen / q)
         if nc > seqlen or math.ceil(seqlen / nc) < MIN_FACTOR_CHUNK:
