@@ -422,17 +422,18 @@ def run_agegender(args: argparse.Namespace) -> None:
     ours = AgeGender(AgeGenderConfig.from_presets("published").replace(pretrained=False)).eval()
     mapped = {}
     for k, v in state.items():  # heads: upstream Linear/ReLU/Linear/Sigmoid, ours Dropout/Linear/ReLU/Linear
+        k = "net." + k[len("backbone."):] if k.startswith("backbone.") else k  # our network attribute is `net`
         for head in ("age_head.", "gender_head."):
             if k.startswith(head):
                 i, rest = k[len(head):].split(".", 1)
                 k = f"{head}{int(i) + 1}.{rest}"
         mapped[k] = v
     missing, unexpected = ours.load_state_dict(mapped, strict=False)
-    assert not unexpected and all(not k.startswith(("backbone.", "age_head.", "gender_head.")) for k in missing), \
+    assert not unexpected and all(not k.startswith(("net.", "age_head.", "gender_head.")) for k in missing), \
         (missing, unexpected)
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        feats_t, feats_o = theirs.backbone(x), ours.backbone(x)
+        feats_t, feats_o = theirs.backbone(x), ours.net(x)
         age_t, gender_t = theirs(x)
         age_o, logit_o = ours(x)
     rows = [("backbone features", feats_o, feats_t), ("age (years)", age_o, age_t.squeeze(-1)),

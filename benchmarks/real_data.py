@@ -232,7 +232,7 @@ def palm_floor(dm, fit_samples: int = 256) -> dict[str, float]:
     from models.palm.module import PalmDiffusion
 
     module = PalmDiffusion(config=dm.cfg)
-    diffusion, seed = module.diffusion, int(dm.cfg.seed) * 100_003
+    diffusion, seed = module.net, int(dm.cfg.seed) * 100_003
     test = list(dm.test_dataloader())
     test_seeds = [seed + b for b in range(len(test))]
     with torch.random.fork_rng():  # the training split's random flips, without touching the caller's generator

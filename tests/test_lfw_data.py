@@ -43,7 +43,7 @@ def test_people_layout_with_wrapper_folder_split_is_identity_disjoint_and_seeded
     everyone = set().union(*splits.values())
     assert everyone == {n for n, c in COUNTS.items() if c >= 2} | {"Upper_Case"}  # single-image people filtered
     assert len(splits["val"]) >= 1 and len(splits["test"]) >= 1
-    assert dm.config_overrides() == {"num_classes": len(splits["train"])}
+    assert dm.config_overrides() == {"num_identities": len(splits["train"])}
     again = LFWDataModule(cfg(min_images_per_person=2), data_dir=tmp_path)
     again.setup("fit")
     assert again.people == dm.people  # same seed, same split

@@ -66,7 +66,7 @@ def test_set_pretrained_true_on_demansia2(cache, tiny_state):
     module = DeMansia2(config=DeMansia2Config.from_presets(RELEASE_PRESET).replace(pretrained=True))
     module.setup("fit")
     for k, v in tiny_state.items():
-        assert torch.equal(module.model.state_dict()[k], v), k
+        assert torch.equal(module.net.state_dict()[k], v), k
     micro = DeMansia2(config=DeMansia2Config.from_presets("micro").replace(pretrained=True))
     with pytest.raises(ZooError, match=f"--preset {RELEASE_PRESET}"):
         micro.setup("fit")

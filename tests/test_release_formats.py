@@ -133,7 +133,7 @@ def test_demansia2_lightning_release_with_foreign_hparams(tmp_path, marker, caps
     for model in (load_model(tmp_path / "zoo.ckpt"), predict.open_model(str(src))):  # converted, or as released
         assert model.cfg.depth == 2 and model.cfg.scan_mode == "legacy" and model.cfg.d_model == 192
         for k, v in state.items():
-            assert torch.equal(model.model.state_dict()[k], v), k
+            assert torch.equal(model.net.state_dict()[k], v), k
     assert not marker.exists()
 
 
@@ -224,7 +224,7 @@ def test_ddpm_trainer_checkpoint_opens_as_palm_with_ema_weights(tmp_path):
     assert (cfg.objective, cfg.beta_schedule, cfg.image_size, cfg.mixer) == ("pred_noise", "sigmoid", 128, "attention")
     for k, v in ema.ema_model.state_dict().items():
         assert torch.equal(model.ema_diffusion.state_dict()[k], v), k
-    assert torch.equal(model.diffusion.state_dict()["model.init_conv.weight"], diffusion.model.init_conv.weight)
+    assert torch.equal(model.net.state_dict()["model.init_conv.weight"], diffusion.model.init_conv.weight)
     out = tmp_path / "gen"
     assert predict.main(["--ckpt", str(path), "generate", "--individuals", "1", "--per-individual", "1", "--out",
                          str(out), "--steps", "1"]) == 0

@@ -9,7 +9,7 @@ A network's timm `pretrained_cfg` says where its weights come from:
 `pretrained_state(name, cfg, convert)` returns the network's state_dict: from `<cache>/<name>.safetensors` when it
 exists; else from the released file in `<cache>` (downloaded when missing and the network is allowed), checked
 against its sha256, read as data and turned into the network's names by `convert` (a function of the task, e.g.
-`models.demansia2.convert.released_state`), then cached. The cache folder is `$MAMBA_ZOO_CACHE`, else
+`models.demansia2.model.released_state`), then cached. The cache folder is `$MAMBA_ZOO_CACHE`, else
 `$XDG_CACHE_HOME/mamba-zoo`, else `~/.cache/mamba-zoo`. Offline (`HF_HUB_OFFLINE=1` / `ZOO_OFFLINE=1`) without the
 file: a `ZooError` naming the URL, the file name and the folder to put it in.
 

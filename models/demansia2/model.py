@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -305,7 +306,6 @@ def _create(variant: str, preset: str, pretrained: bool = False, **kwargs: Any) 
         if kwargs.get("features_only"):
             raise ZooError(f"{variant}: pretrained=True with features_only is not supported; build the classifier "
                            f"and use forward_intermediates.")
-        from models.demansia2.convert import released_state
         from zoo.pretrained import load_pretrained
 
         if kwargs.get("num_classes") in (None, 1000):
@@ -317,7 +317,6 @@ def _create(variant: str, preset: str, pretrained: bool = False, **kwargs: Any) 
 
 def _load_without_heads(model: DeMansia2Net, variant: str, cfg: dict[str, Any]) -> None:
     """Released weights for a network with another class count: everything but `head` / `aux_head`."""
-    from models.demansia2.convert import released_state
     from zoo.pretrained import pretrained_state
 
     state = {k: v for k, v in pretrained_state(variant, cfg, released_state).items()
@@ -341,3 +340,36 @@ def demansia2_tiny(pretrained: bool = False, **kwargs: Any) -> DeMansia2Net:
 def demansia2_small(pretrained: bool = False, **kwargs: Any) -> DeMansia2Net:
     """DeMansia 2 Small (d_model 384, 24 layers, 32.7M parameters), 224x224 input."""
     return _create("demansia2_small", "small", pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The released checkpoint's tensors, checked against this network
+# ----------------------------------------------------------------------------------------------------------------------
+def checked_state(ckpt: dict[str, Any], src: str | Path) -> tuple[dict[str, torch.Tensor], DeMansia2Config]:
+    """The released network's state_dict (DeMansia2Net names) and config, after checking every key and shape against
+    a network built from the released hyper-parameters. Raises ZooError naming missing / unexpected / misshapen keys."""
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in ckpt["state_dict"].items()
+             if isinstance(v, torch.Tensor)}
+    from models.demansia2.release import config_from_released
+    from models.demansia2.release import short_list as _short
+
+    cfg = config_from_released(ckpt.get("hyper_parameters") or {})
+    with torch.device("meta"):
+        expected = DeMansia2Net(**net_kwargs(cfg)).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ZooError(f"{src}: the keys do not match a DeMansia 2 ({cfg.d_model} wide, {cfg.depth} layers, attention at "
+                       f"{list(cfg.attn_layers)}). Missing: {_short(missing)}. Unexpected: {_short(unexpected)}.")
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ZooError(f"{src}: shape mismatch for {_short(wrong)}.")
+    return state, cfg
+
+
+def released_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The released file as `demansia2_tiny(pretrained=True)`'s state_dict (`zoo.pretrained` caches it)."""
+    from models.demansia2.release import read_released
+
+    return checked_state(read_released(path), path)[0]

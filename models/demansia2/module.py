@@ -40,8 +40,7 @@ def build_network(cfg: DeMansia2Config) -> nn.Module:
 def load_released(net: nn.Module, cfg: DeMansia2Config) -> str:
     """Load the released DeMansia 2 Tiny EMA weights (`zoo.pretrained`: cached, else downloaded and converted) into
     `net`; the class heads only when there are 1000 classes. Returns a one-line report."""
-    from models.demansia2.convert import released_state
-    from models.demansia2.model import RELEASE_PRESET, default_cfgs
+    from models.demansia2.model import RELEASE_PRESET, default_cfgs, released_state
     from zoo.pretrained import pretrained_state
 
     name = "demansia2_tiny"

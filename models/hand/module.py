@@ -138,7 +138,7 @@ class HandBiometrics(Embedder, ZooModule):
         path = self.cfg.pretrained_ckpt
         fresh = stage == "fit" and not getattr(self._trainer, "ckpt_path", None)  # not a resume
         if fresh and self.cfg.pretrained:  # weights loaded here, not on every load
-            if self.cfg.backbone == "vmamba":  # VMamba v0's release of this size (zoo.pretrained: cached)
+            if self.cfg.backbone == "own":  # VMamba v0's release of this size (zoo.pretrained: cached)
                 from models.vmamba.convert import vmamba_v0_release_state
                 from models.vmamba.model import _vmamba_cfg
                 from zoo.pretrained import pretrained_state
