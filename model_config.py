@@ -91,6 +91,9 @@ class DeMansia2Config(BaseConfig):
     backbone: str = "own"  # own = the DeMansia 2 network; any timm name (resnet18, ...) = that model as classifier
     ema_warmup: bool = True  # ramp the EMA decay as (1 + t) / (10 + t) (timm); published: a constant decay
     token_label_smoothing: Literal["normalized", "lvvit"] = "normalized"  # lvvit = the published 0.9001 / 1e-4 values
+    # with token labels, the class token's target: the teacher's map pooled over the crop (LV-ViT, published) or the
+    # image's own label (the teacher then supervises the tokens alone: safer with a teacher weaker than the data)
+    token_label_cls: Literal["teacher", "label"] = "teacher"
     train_interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"  # random = either, per image (published)
     randaugment: str = "rand-m9-mstd0.5-inc1"
     random_erasing: float = 0.25

@@ -67,7 +67,11 @@ ROWS = {
     "hand": [("default (VMamba U-Net)", []), ("timm test_convnext", ["--set", "backbone=test_convnext"])],
     "palm": [("default (Unet + VSS)", []), ("Unet with attention", ["--set", "mixer=attention"])],
 }
-TEACHER_ROWS = {"demansia2": [("DeMansia 2 + CNN token labels", "timm test_resnet", [])]}
+TEACHER_ROWS = {"demansia2": [
+    ("DeMansia 2 + CNN token labels", "timm test_resnet", []),  # LV-ViT's recipe: class token on the teacher's map
+    ("+ labels, class token on label", "timm test_resnet", ["--set", "token_label_cls=label"]),
+    ("+ labels, label cls, MixToken", "timm test_resnet", ["--set", "token_label_cls=label", "--set", "mix_token=true"]),
+]}
 # Applied to every row of the task (before the command line's --set): the protocol with a test split, and the real
 # 11k Hands samples name more images in HandInfo.csv than they hold.
 TASK_SETS = {"hand": ["--set", "protocol=open_set", "--set", "skip_missing_images=true"]}
@@ -300,11 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-rows-only", action="store_true", help="only the --row rows (no default and CNN rows)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="seeds per row (0..N-1), rows interleaved (default 1)")
-    p.add_argument("--no-teacher-rows", action="store_true", help="demansia2: skip the row trained on the CNN row's "
+    p.add_argument("--no-teacher-rows", action="store_true", help="demansia2: skip the rows trained on the CNN row's "
                    "token labels")
+    p.add_argument("--teacher-rows", default=None, metavar="I,J", help="demansia2: only these teacher rows (0-based)")
+    p.add_argument("--skip-default", action="store_true", help="leave out the default row (the first one)")
     args = p.parse_args(argv)
     rows_spec = [] if args.extra_rows_only else list(ROWS[args.task])
     teacher_rows = [] if args.extra_rows_only or args.no_teacher_rows else TEACHER_ROWS.get(args.task, [])
+    if args.teacher_rows is not None:
+        teacher_rows = [teacher_rows[int(i)] for i in args.teacher_rows.split(",")]
+    if args.skip_default:
+        rows_spec = rows_spec[1:]
     for spec in args.row:
         label, _, sets = spec.partition("=")
         rows_spec.append((label, [a for kv in sets.split(";") if kv.strip() for a in ("--set", kv.strip())]))

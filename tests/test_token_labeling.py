@@ -125,3 +125,31 @@ def test_training_step_with_token_labels(tmp_path):
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     assert model.net.aux_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("source", ["teacher", "label"])
+def test_class_token_target_is_the_teachers_or_the_label(tmp_path, source):
+    """token_label_cls=teacher: the class token learns the pooled teacher map (LV-ViT); =label: the image's label,
+    the teacher then supervising the tokens alone. The token targets are the teacher's either way."""
+    from losses.token_labeling import one_hot_smoothed
+    from models.demansia2 import DeMansia2
+
+    dm = datamodule(tmp_path)
+    cfg = dm.cfg.replace(num_classes=K, d_model=32, depth=2, attn_layers=(1,), attn_head_dim=16, rotary_dim=8,
+                         d_state=8, headdim=16, stem_channels=8, mix_token=False, token_label_cls=source)
+    model = DeMansia2(config=cfg)
+    batch = next(iter(dm.train_dataloader()))
+    seen = {}
+
+    def capture(cls_logits, token_logits, cls_target, token_target, max_target):
+        seen.update(cls=cls_target, token=token_target)
+        return cls_logits.sum() * 0, {"cls": cls_logits.sum() * 0, "token": cls_logits.sum() * 0}
+
+    object.__setattr__(model, "criterion", capture)  # not a module: bypass nn.Module's registration
+    del model._modules["criterion"]
+    model.training_step(batch, 0)
+    teacher_cls, teacher_tokens = token_label_targets(batch["label_map"], batch["box"], batch["flip"], K,
+                                                      model.net.token_grid(batch["image"]), cfg.label_smoothing)
+    expected = teacher_cls if source == "teacher" else one_hot_smoothed(batch["label"], K, cfg.label_smoothing)
+    torch.testing.assert_close(seen["cls"], expected)
+    torch.testing.assert_close(seen["token"], teacher_tokens)

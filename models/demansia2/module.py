@@ -122,6 +122,8 @@ class DeMansia2(ZooModule):
                                                            cfg.num_classes, grid, cfg.label_smoothing,
                                                            cfg.token_label_smoothing)
             max_target = None
+            if getattr(cfg, "token_label_cls", "teacher") == "label":
+                cls_target = one_hot_smoothed(labels, cfg.num_classes, cfg.label_smoothing)
         else:
             cls_target = one_hot_smoothed(labels, cfg.num_classes, cfg.label_smoothing)
             token_target, max_target = None, cls_target
