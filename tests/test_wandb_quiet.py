@@ -20,6 +20,7 @@ def test_wandb_init_gets_no_anonymous_setting(tmp_path, monkeypatch):
         raise Stop
 
     monkeypatch.setattr(wandb, "init", fake_init)
+    monkeypatch.setattr(wandb, "run", None)  # a run left by an earlier test would be reused instead of created
     monkeypatch.setattr("zoo.trainer.wandb_online_possible", lambda *a, **k: (False, "test"))
     logger = build_logger(RunOptions(model="face", run_dir=tmp_path, epochs=1), {"a": 1})
     with pytest.raises(Stop):
