@@ -349,7 +349,7 @@ def run_demansia2(args: argparse.Namespace) -> None:
     state = nudge({k: v for k, v in theirs.state_dict().items() if not k.startswith(("valid_acc", "token_loss"))})
     theirs.load_state_dict(state, strict=False)
 
-    ours = DeMansia2(config=DeMansia2Config.from_presets("tiny,published")).model.eval()
+    ours = DeMansia2(config=DeMansia2Config.from_presets("tiny,published")).net.eval()
     own = ours.state_dict()
     missing = sorted(set(own) - set(state))
     assert not missing, missing[:8]
