@@ -57,9 +57,10 @@ def raise_(exc: type[BaseException]):
 
 def send(sig: signal.Signals):
     def action():
-        if sig in (signal.SIGINT, signal.SIGTERM):
+        if sig in (signal.SIGINT, signal.SIGTERM) and os.getpgid(0) == os.getpid():
             # like Ctrl-C (the foreground group) or a scheduler (SLURM's scancel: every process of the job step):
-            # loader workers included
+            # loader workers included. Only from a process that leads its own group (the tests start train.py with
+            # start_new_session): inside pytest the group is the test runner's and CI's, which must not be signalled.
             os.killpg(os.getpgid(0), sig)
         else:
             os.kill(os.getpid(), sig)
