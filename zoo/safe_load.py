@@ -160,6 +160,8 @@ def read_as_data(path: str | Path) -> tuple[Any, list[str]]:
     global _record
     _record = {}
     try:
+        # weights_only=False only hands unpickling to InertUnpickler: its find_class is the one gate for globals
+        # (torch's weights-only allow-list, plain builtins, numpy arrays; anything else an inert placeholder).
         obj = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_pickle_module())
         return obj, sorted(_record)
     finally:
