@@ -331,7 +331,9 @@ class HandConfig(BaseConfig):
     # network
     encoder: Literal["micro", "tiny", "small"] = "tiny"  # VMamba v0 size (with a timm backbone: the dims it maps to)
     backbone: str = "own"  # own = the VMamba v0 encoder; any timm name = its levels at strides 4-32, projected
-    pretrained: bool = False  # the encoder's released weights: VMamba v0 Tiny / Small (zoo.pretrained), or timm's
+    # the encoder's released weights (a new run only): VMamba v0 Tiny / Small (zoo.pretrained), or a timm backbone's;
+    # on in `published` (upstream's frozen VMamba-S), skipped when pretrained_ckpt names the file to start from
+    pretrained: bool = False
     pretrained_ckpt: str | None = None  # VMamba v0 ImageNet checkpoint (.pth, its `model` entry) for the encoder
     pretrained_ema: bool = False  # take the release's EMA weights (`model_ema`) instead of `model`
     drop_path: float = 0.1
@@ -369,13 +371,14 @@ class HandConfig(BaseConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "micro": dict(encoder="micro", image_size=64, drop_path=0.0, epochs=10, batch_size=16, lr=2e-3,
-                      warmup_epochs=0.5, head="multiscale", decoder=True, num_workers=0),
+                      warmup_epochs=0.5, head="multiscale", decoder=True, num_workers=0, pretrained=False),
         "tiny": dict(encoder="tiny", image_size=224, drop_path=0.1, head="multiscale", decoder=True),
         "small": dict(encoder="small", image_size=224, drop_path=0.3, head="multiscale", decoder=True),
         # Upstream's effective model and intended recipe: frozen VMamba-S, sigmoid(stage 4) flattened into three
         # MLP heads, CE with label smoothing 0.1 summed 1:1:1, Adam, warm-up 8e-6 -> 8e-4 over 10 epochs, 4e-4 from
-        # epoch 30, 70 epochs, early stopping (patience 5) on the validation loss, batch 20.
-        "published": dict(encoder="small", image_size=224, drop_path=0.0, decoder=False, head="published",
+        # epoch 30, 70 epochs, early stopping (patience 5) on the validation loss, batch 20. The encoder starts from
+        # VMamba's released v0 Small (`pretrained`, fetched once into the weights cache; `published,micro` turns it off).
+        "published": dict(encoder="small", pretrained=True, image_size=224, drop_path=0.0, decoder=False, head="published",
                           freeze_encoder_epochs=-1, metric_weight=0.0, silhouette_weight=0.0, label_smoothing=0.1,
                           identity_weight=1.0, gender_weight=1.0, age_weight=1.0, head_dropout=0.5,
                           optimizer="adam", lr=8e-4, warmup_lr=8e-6, warmup_epochs=10.0, weight_decay=5e-4,
@@ -406,10 +409,11 @@ class HandConfig(BaseConfig):
         if self.image_size % 32:
             raise config_error(self, "image_size", "must be a multiple of 32 (VMamba's stride; the U-Net adds skips)")
         if self.backbone == "own":
-            if self.pretrained and self.encoder not in ("tiny", "small"):
+            if self.pretrained and not self.pretrained_ckpt and self.encoder not in ("tiny", "small"):
                 raise config_error(self, "pretrained", f"needs encoder=tiny or small (VMamba v0's releases) or a "
-                                                       f"timm backbone; encoder={self.encoder} has none (a VMamba v0 "
-                                                       f"file loads with --set pretrained_ckpt=PATH)")
+                                                       f"timm backbone; encoder={self.encoder} has none (--set "
+                                                       f"pretrained=false, or a VMamba v0 file with --set "
+                                                       f"pretrained_ckpt=PATH)")
         else:
             if self.pretrained_ckpt:
                 raise config_error(self, "pretrained_ckpt", "is a VMamba v0 checkpoint: it needs backbone=own "
@@ -441,6 +445,10 @@ class PalmConfig(BaseConfig):
     vss_d_state: int = 16
     vss_expand: int = 2
     dropout: float = 0.0  # inside the U-Net's ResNet blocks (the library's Unet `dropout`)
+    # a new run starts from zebracon7's released model-88.pt (its EMA weights, zoo.pretrained) instead of random
+    # weights: needs the released network (--preset published); off in every preset, `published` included, whose
+    # recipe trains from scratch (`predict.py --ckpt release:palm` opens the release to sample)
+    pretrained: bool = False
     timesteps: int = 1000
     objective: Literal["pred_noise", "pred_x0", "pred_v"] = "pred_v"
     beta_schedule: Literal["linear", "cosine", "sigmoid"] = "sigmoid"
@@ -495,6 +503,9 @@ class PalmConfig(BaseConfig):
     def check(self) -> None:
         super().check()
         split_check(self)
+        if self.pretrained and self.mixer != "attention":
+            raise config_error(self, "pretrained", "loads the released model-88.pt, the library's Unet: it needs "
+                                                   "mixer=attention (--preset published)")
         if self.vss_levels > len(self.dim_mults):
             raise config_error(self, "vss_levels", f"must be at most len(dim_mults) = {len(self.dim_mults)}")
         if self.image_size % 2 ** (len(self.dim_mults) - 1):

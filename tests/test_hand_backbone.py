@@ -23,7 +23,7 @@ ARGS = ["--model", "hand", "--logger", "none", "--progress", "none", "--set", "n
 
 @pytest.mark.parametrize("preset", ["micro", "published"])
 def test_timm_backbone_gives_the_vmamba_outputs(preset):
-    cfg = HandConfig.from_presets(preset).replace(encoder="micro", image_size=64, num_identities=5)
+    cfg = HandConfig.from_presets(preset).replace(encoder="micro", pretrained=False, image_size=64, num_identities=5)
     x = torch.randn(2, 3, 64, 64)
     torch.manual_seed(0)
     ours, cnn = HandNet(cfg).eval(), HandNet(cfg.replace(backbone="test_resnet")).eval()

@@ -143,3 +143,129 @@ def test_hand_pretrained_true_loads_the_vmamba_release_into_its_encoder(cache):
     module.setup("fit")
     for k, v in module.net.encoder.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+HAND_PUBLISHED = ["--model", "hand", "--preset", "published", "--logger", "none", "--progress", "none",
+                  "--max-steps", "1", "--limit-val-batches", "0", "--batch-size", "4", "--set", "num_workers=0",
+                  "--set", "image_size=32", "--set", "aspects=dorsal right", "--set", "early_stopping_patience=0"]
+
+
+@pytest.fixture
+def micro_sized_small(monkeypatch):
+    """`encoder=small` builds VMamba v0 at micro's sizes, so the published preset's whole chain (the Small release's
+    file name, URL and cache entry, its format, the frozen encoder) runs in a second; the Small layout itself is
+    checked against VMamba's key names in test_hand_model."""
+    from models.hand import model as hand_model
+
+    monkeypatch.setitem(hand_model.ENCODERS, "small", hand_model.ENCODERS["micro"])
+
+
+def test_hand_published_starts_from_the_vmamba_small_release_without_a_flag(cache, micro_sized_small, monkeypatch,
+                                                                            tmp_path, capsys):
+    """`--preset published` alone (no pretrained flag): the frozen encoder holds VMamba v0 Small's released weights,
+    from a cache holding a file in the release's format (its `model` entry, not `model_ema`); a second run reads the
+    converted safetensors only."""
+    from foreign_release import foreign_modules, vmamba_v0_release
+    from test_release_formats import _v0_names
+
+    from model_config import HandConfig
+    from models.hand.module import HandBiometrics
+    from models.vmamba import convert as vmamba_convert
+
+    torch.manual_seed(0)
+    own = HandBiometrics(config=HandConfig.from_presets("published").replace(image_size=32)).net.encoder
+    model = {**_v0_names({k: torch.randn_like(v) for k, v in own.state_dict().items()}),
+             "head.weight": torch.randn(1000, 128), "head.bias": torch.randn(1000)}
+    cache.mkdir(parents=True)
+    marker = tmp_path / "RAN"
+    with foreign_modules(tmp_path, marker) as classes:
+        raw = vmamba_v0_release(cache / "vssmsmall_dp03_ckpt_epoch_238.pth", model,
+                                {k: v + 1 for k, v in model.items()}, classes)
+    monkeypatch.setitem(vmamba_convert.RELEASES["small"], "sha256", hashlib.sha256(raw.read_bytes()).hexdigest())
+    encoder = train.run(HAND_PUBLISHED)["model"].net.encoder
+    assert "loaded the released vmamba_small_v0 weights" in capsys.readouterr().out
+    assert not any(p.requires_grad for p in encoder.parameters())  # frozen: one step leaves it as loaded
+    assert not marker.exists() and (cache / "vmamba_small_v0.safetensors").is_file()
+    raw.unlink()  # a second run reads the converted cache only
+    again = HandBiometrics(config=HandConfig.from_presets("published").replace(image_size=32))
+    again.setup("fit")
+    for run, enc in (("first", encoder), ("second", again.net.encoder)):
+        got = _v0_names(enc.state_dict())
+        assert got.keys() == model.keys() - {"head.weight", "head.bias"}, run
+        for k, v in got.items():
+            assert torch.equal(v, model[k]), (run, k)
+
+
+def test_hand_published_offline_without_the_release_is_one_line(cache, micro_sized_small, tmp_path, capsys):
+    """Offline, empty cache: `--preset published` stops before training with one line naming the release URL, the file
+    and the folder (exit 2). A file named by pretrained_ckpt takes precedence: nothing is fetched then."""
+    assert train.main(HAND_PUBLISHED) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "vssmsmall_dp03_ckpt_epoch_238.pth" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "https://github.com/MzeroMiko/VMamba/releases/download/" in lines[0] and str(cache) in lines[0]
+    v0 = tmp_path / "v0.pth"
+    torch.save({"model": {"patch_embed.proj.weight": torch.ones(16, 3, 4, 4)}}, v0)
+    out = train.run([*HAND_PUBLISHED, "--set", f"pretrained_ckpt={v0}"])
+    assert torch.equal(out["model"].net.encoder.state_dict()["patch_embed.proj.weight"], torch.ones(16, 3, 4, 4))
+    assert not cache.exists()
+
+
+def _trainer_checkpoint(path, seed: int = 0):
+    """denoising-diffusion-pytorch's `Trainer.save` format; the EMA weights differ from the raw ones (+0.01)."""
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    from ema_pytorch import EMA
+
+    torch.manual_seed(seed)
+    diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2)), image_size=128, timesteps=10, objective="pred_noise",
+                                  beta_schedule="sigmoid")
+    ema = EMA(diffusion, beta=0.995, update_every=10)
+    with torch.no_grad():
+        for p in ema.ema_model.parameters():
+            p.add_(0.01)
+    ema.initted.fill_(True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": 88_000, "model": diffusion.state_dict(), "opt": {}, "ema": ema.state_dict(), "scaler": None,
+                "version": "2.1.1"}, path)
+    return ema.ema_model.state_dict()
+
+
+PALM_PUBLISHED = ["--model", "palm", "--preset", "published", "--logger", "none", "--progress", "none",
+                  "--max-steps", "1", "--limit-val-batches", "0", "--batch-size", "2", "--set", "accumulate=1",
+                  "--set", "num_workers=0", "--set", "image_size=16", "--set", "unet_dim=8", "--set", "dim_mults=1,2",
+                  "--set", "timesteps=10", "--set", "sampling_steps=10", "--set", "grid_every_n_steps=0"]
+
+
+def test_palm_pretrained_true_starts_from_the_released_ema_weights(cache, capsys):
+    """`train.py --model palm --preset published --set pretrained=true` fine-tunes from the released Trainer
+    checkpoint's EMA weights (not its raw `model`, 0.01 away): after one Adam step at lr 2e-5 the network is within
+    1e-4 of them (its EMA copy starts as a copy of it, as ema-pytorch's first update does). Another size is refused
+    by name."""
+    from model_config import PalmConfig
+    from models.palm.module import PalmDiffusion
+    from zoo.errors import ZooError
+
+    assert PalmConfig.from_presets("published").pretrained is False  # the published recipe trains from scratch
+    ema = _trainer_checkpoint(cache / "model-88.pt")
+    out = train.run([*PALM_PUBLISHED, "--set", "pretrained=true"])
+    assert "loaded the EMA weights of the released model-88.pt" in capsys.readouterr().out
+    model = out["model"]
+    assert out["trainer"].global_step == 1 and (cache / "palm_published.safetensors").is_file()
+    net, copy = model.net.state_dict(), model.ema.ema_model.state_dict()
+    assert net.keys() == copy.keys() == ema.keys()
+    for k, v in ema.items():
+        assert torch.equal(copy[k], net[k]), k
+        assert (net[k].float() - v.float()).abs().max() <= 1e-4, k
+    cfg = model.cfg.replace(unet_dim=16)
+    with pytest.raises(ZooError, match=r"unet_dim=8.*unet_dim=16"):
+        PalmDiffusion(config=cfg).setup("fit")
+    with pytest.raises(ZooError, match="mixer=attention"):
+        cfg.replace(mixer="vss")
+
+
+def test_palm_pretrained_offline_without_the_release_is_one_line(cache, capsys):
+    assert train.main([*PALM_PUBLISHED, "--set", "pretrained=true"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "'model-88.pt'" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "1AaOvAYpjl3-FsEQ2WD_CtHW74REYTVTZ" in lines[0] and str(cache) in lines[0]

@@ -173,6 +173,7 @@ def test_hand_best_pth_opens_with_its_heads(tmp_path, capsys):
 
     model = predict.open_model(str(path))
     assert model.cfg.head == "published" and model.cfg.encoder == "micro" and model.cfg.image_size == 64
+    assert model.cfg.pretrained is False  # the file holds the whole network: no encoder release to fetch
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out = model(x)

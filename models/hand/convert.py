@@ -63,8 +63,8 @@ def from_release(raw: Any, path: str | Path) -> dict[str, Any] | None:
     flat = tensors["fc1_1.weight"].shape[1]
     side = round((flat / encoder["layers.3.blocks.0.norm.weight"].shape[0]) ** 0.5)
     n_gender = tensors["fc3_3.weight"].shape[0]
-    cfg = HandConfig.from_presets("published").replace(
-        encoder=size, image_size=32 * side, num_identities=tensors["fc3_1.weight"].shape[0],
+    cfg = HandConfig.from_presets("published").replace(  # the file holds the whole network: no encoder release
+        pretrained=False, encoder=size, image_size=32 * side, num_identities=tensors["fc3_1.weight"].shape[0],
         num_age_groups=tensors["fc3_2.weight"].shape[0],
         gender_names=("female", "male") if n_gender == 2 else tuple(str(i) for i in range(n_gender)))
     state = {f"net.encoder.{k}": v for k, v in encoder.items()}

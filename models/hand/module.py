@@ -135,9 +135,11 @@ class HandBiometrics(Embedder, ZooModule):
 
     # ----- set-up, optimisation, checkpoints -----
     def setup(self, stage: str) -> None:
+        """A new run's encoder weights (never a resume's, never a checkpoint's own): the file `pretrained_ckpt` names,
+        which takes precedence, else with `pretrained` the released ones (on in `published`: VMamba v0 Small)."""
         path = self.cfg.pretrained_ckpt
         fresh = stage == "fit" and not getattr(self._trainer, "ckpt_path", None)  # not a resume
-        if fresh and self.cfg.pretrained:  # weights loaded here, not on every load
+        if fresh and self.cfg.pretrained and not path:  # weights loaded here, not on every load
             if self.cfg.backbone == "own":  # VMamba v0's release of this size (zoo.pretrained: cached)
                 from models.vmamba.convert import vmamba_v0_release_state
                 from models.vmamba.model import _vmamba_cfg

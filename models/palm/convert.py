@@ -4,7 +4,8 @@ as a palm model of this zoo.
 The library's `Trainer.save` writes {"step", "model" (the GaussianDiffusion state_dict), "opt", "ema" (ema-pytorch's
 `EMA` state_dict: `initted`, `step`, `online_model.*`, `ema_model.*`), "scaler", "version"}. Our `PalmDiffusion` holds
 the same two networks as `diffusion.*` and `ema.ema_model.*`, so conversion renames; the EMA weights are what
-`generate` samples from by default (`--raw-weights` for the others). The file does not store the constructor
+`generate` samples from by default (`--raw-weights` for the others). `--set pretrained=true` starts a new training
+run from the released file's EMA weights (`released_weights`: converted once and cached by zoo.pretrained). The file does not store the constructor
 arguments: the Unet's width, multipliers and attention layout are read from the tensors' shapes, the number of
 timesteps from `betas`, the beta schedule and objective by comparing the stored buffers with the library's own
 schedules; the image size is the published 128 (the file does not say), the rest the `published` preset.
@@ -21,8 +22,9 @@ from model_config import PalmConfig
 from zoo.errors import ZooError
 
 TRAINER_KEYS = {"step", "model", "ema"}
+RELEASE_FILE = "model-88.pt"
 RELEASE = dict(  # `predict.py --ckpt release:palm` (zoo.pretrained: downloaded once through gdown, then cached)
-    url="https://drive.google.com/uc?id=1AaOvAYpjl3-FsEQ2WD_CtHW74REYTVTZ", notes="file=model-88.pt",
+    url="https://drive.google.com/uc?id=1AaOvAYpjl3-FsEQ2WD_CtHW74REYTVTZ", notes=f"file={RELEASE_FILE}",
     license="none stated", description="128px palm generator (no figures published)",
     origin_url="https://github.com/zebracon7/diffusion_wgan-gp_img_gen")
 
@@ -83,3 +85,36 @@ def from_release(raw: Any, path: str | Path) -> dict[str, Any] | None:
                   if isinstance(v, torch.Tensor) and (k.startswith("ema_model.") or k in ("initted", "step"))})
     return {"state_dict": state, "hyper_parameters": {"task": "palm", "config": cfg.to_dict()},
             "global_step": int(raw["step"]) if isinstance(raw["step"], int) else 0, "converted_from": Path(path).name}
+
+
+PRETRAINED_NAME = "palm_published"  # zoo.pretrained's cache name: <cache>/palm_published.safetensors
+FITTED = ("unet_dim", "dim_mults", "timesteps", "beta_schedule", "objective")  # what a released file fixes
+
+
+def released_ema_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A Trainer checkpoint's EMA GaussianDiffusion weights (`ema` -> `ema_model.*`), under the GaussianDiffusion's
+    own names, read as data (zoo.pretrained converts and caches them once)."""
+    from zoo.checkpoint import read_state_dict
+
+    ema = read_state_dict(path, ("ema",), "palm release")
+    state = {k[len("ema_model."):]: v for k, v in ema.items() if k.startswith("ema_model.")}
+    if not state:
+        raise ZooError(f"palm release {path}: its 'ema' holds no ema_model.* weights; it is not a "
+                       f"denoising-diffusion-pytorch Trainer checkpoint (model-N.pt).")
+    return state
+
+
+def released_weights(cfg: PalmConfig) -> dict[str, torch.Tensor]:
+    """The released model-88.pt's EMA weights for a GaussianDiffusion built from `cfg` (`pretrained=true`); a config
+    whose network or schedule differs from the file's is a ZooError naming the fields."""
+    from zoo.pretrained import pretrained_state
+
+    state = pretrained_state(PRETRAINED_NAME, RELEASE, released_ema_state)
+    released = config_from_state(state)
+    differ = [f for f in FITTED if getattr(cfg, f) != getattr(released, f)]
+    if differ:
+        raise ZooError(f"pretrained=true loads the released {RELEASE_FILE}, whose network has "
+                       f"{', '.join(f'{f}={getattr(released, f)}' for f in differ)}; this config has "
+                       f"{', '.join(f'{f}={getattr(cfg, f)}' for f in differ)}. Use --preset published without "
+                       f"changing those fields (or --set pretrained=false).")
+    return state

@@ -73,6 +73,22 @@ class PalmDiffusion(ZooModule):
         """The diffusion loss of a batch (B, 3, S, S) in [0, 1] at random timesteps (raw weights)."""
         return self.net(images)
 
+    def setup(self, stage: str) -> None:
+        """`pretrained`: a new run (never a resume, never a checkpoint's own weights) starts from the released
+        model-88.pt's EMA weights, in the network and its EMA copy alike."""
+        if stage == "fit" and self.cfg.pretrained and not getattr(self._trainer, "ckpt_path", None):
+            from models.palm.convert import RELEASE_FILE, released_weights
+
+            state = released_weights(self.cfg)
+            for target in (self.net, self.ema.ema_model):
+                try:
+                    target.load_state_dict(state)
+                except RuntimeError as e:
+                    raise ZooError(f"pretrained=true: the released weights do not fit this network ({str(e)[:300]}). "
+                                   f"Use --preset published without size overrides.") from None
+            print(f"[palm] loaded the EMA weights of the released {RELEASE_FILE} "
+                  f"({len(state)} tensors) into the network and its EMA copy")
+
     def on_fit_start(self) -> None:
         if self.cfg.max_steps > 0 and self.trainer.max_steps in (-1, None):
             self.trainer.fit_loop.epoch_loop.max_steps = int(self.cfg.max_steps)
