@@ -160,6 +160,7 @@ def micro_sized_small(monkeypatch):
     monkeypatch.setitem(hand_model.ENCODERS, "small", hand_model.ENCODERS["micro"])
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_hand_published_starts_from_the_vmamba_small_release_without_a_flag(cache, micro_sized_small, monkeypatch,
                                                                             tmp_path, capsys):
     """`--preset published` alone (no pretrained flag): the frozen encoder holds VMamba v0 Small's released weights,
@@ -196,6 +197,7 @@ def test_hand_published_starts_from_the_vmamba_small_release_without_a_flag(cach
             assert torch.equal(v, model[k]), (run, k)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_hand_published_offline_without_the_release_is_one_line(cache, micro_sized_small, tmp_path, capsys):
     """Offline, empty cache: `--preset published` stops before training with one line naming the release URL, the file
     and the folder (exit 2). A file named by pretrained_ckpt takes precedence: nothing is fetched then."""
@@ -236,6 +238,7 @@ PALM_PUBLISHED = ["--model", "palm", "--preset", "published", "--logger", "none"
                   "--set", "timesteps=10", "--set", "sampling_steps=10", "--set", "grid_every_n_steps=0"]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_palm_pretrained_true_starts_from_the_released_ema_weights(cache, capsys):
     """`train.py --model palm --preset published --set pretrained=true` fine-tunes from the released Trainer
     checkpoint's EMA weights (not its raw `model`, 0.01 away): after one Adam step at lr 2e-5 the network is within
@@ -263,9 +266,22 @@ def test_palm_pretrained_true_starts_from_the_released_ema_weights(cache, capsys
         cfg.replace(mixer="vss")
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_palm_pretrained_offline_without_the_release_is_one_line(cache, capsys):
     assert train.main([*PALM_PUBLISHED, "--set", "pretrained=true"]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "'model-88.pt'" in line]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "1AaOvAYpjl3-FsEQ2WD_CtHW74REYTVTZ" in lines[0] and str(cache) in lines[0]
+
+
+def test_download_writes_through_a_temporary_name_of_its_own(tmp_path):
+    """The file appears whole under its name and no temporary file is left (each process writes its own)."""
+    from zoo.pretrained import download
+
+    src = tmp_path / "released.bin"
+    src.write_bytes(b"x" * 3_000_000)
+    dst = tmp_path / "cache" / "released.bin"
+    download(src.as_uri(), dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["released.bin"]

@@ -69,8 +69,9 @@ def _drive_id(url: str) -> str | None:
 
 
 def download(url: str, dst: Path) -> None:
-    """Fetch `url` to `dst` (through a temporary name, so a cut-off download never looks complete)."""
-    part = dst.with_name(dst.name + ".part")
+    """Fetch `url` to `dst` (through a temporary name of this process, so a cut-off download never looks complete
+    and the ranks of a multi-GPU run, which each set up their model, never write into one file)."""
+    part = dst.with_name(f"{dst.name}.{os.getpid()}.part")
     dst.parent.mkdir(parents=True, exist_ok=True)
     drive = _drive_id(url)
     try:
@@ -131,7 +132,7 @@ def pretrained_state(name: str, cfg: Mapping[str, Any] | Any,
     state = convert(raw)
     shared = _dedupe(state)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".part")
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.part")
     save_file(shared, str(tmp), metadata={"source": release_info(cfg)["url"], "file": raw.name})
     tmp.replace(cached)
     print(f"[zoo] {name}: converted {raw.name} once; cached as {cached}", file=sys.stderr)
