@@ -200,7 +200,12 @@ def test_hand_published_starts_from_the_vmamba_small_release_without_a_flag(cach
 @pytest.mark.usefixtures("one_thread")
 def test_hand_published_offline_without_the_release_is_one_line(cache, micro_sized_small, tmp_path, capsys):
     """Offline, empty cache: `--preset published` stops before training with one line naming the release URL, the file
-    and the folder (exit 2). A file named by pretrained_ckpt takes precedence: nothing is fetched then."""
+    and the folder (exit 2). A file named by pretrained_ckpt takes precedence: nothing is fetched then; `micro` after
+    `published` (the tests' and demos' combination) turns the release off."""
+    from model_config import HandConfig
+
+    assert HandConfig.from_presets("published").pretrained is True
+    assert HandConfig.from_presets("published,micro").pretrained is False
     assert train.main(HAND_PUBLISHED) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "vssmsmall_dp03_ckpt_epoch_238.pth" in line]
