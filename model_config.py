@@ -377,10 +377,10 @@ class HandConfig(BaseConfig):
         # Upstream's effective model and intended recipe: frozen VMamba-S, sigmoid(stage 4) flattened into three
         # MLP heads, CE with label smoothing 0.1 summed 1:1:1, Adam, warm-up 8e-6 -> 8e-4 over 10 epochs, 4e-4 from
         # epoch 30, 70 epochs, early stopping (patience 5) on the validation loss, batch 20. The encoder starts from
-        # VMamba's released v0 Small (`pretrained`, fetched once into the weights cache; `published,micro` turns it off).
-        "published": dict(encoder="small", pretrained=True, image_size=224, drop_path=0.0, decoder=False, head="published",
-                          freeze_encoder_epochs=-1, metric_weight=0.0, silhouette_weight=0.0, label_smoothing=0.1,
-                          identity_weight=1.0, gender_weight=1.0, age_weight=1.0, head_dropout=0.5,
+        # VMamba's released v0 Small (`pretrained`: fetched once into the weights cache; off in `published,micro`).
+        "published": dict(encoder="small", pretrained=True, image_size=224, drop_path=0.0, decoder=False,
+                          head="published", freeze_encoder_epochs=-1, metric_weight=0.0, silhouette_weight=0.0,
+                          label_smoothing=0.1, identity_weight=1.0, gender_weight=1.0, age_weight=1.0, head_dropout=0.5,
                           optimizer="adam", lr=8e-4, warmup_lr=8e-6, warmup_epochs=10.0, weight_decay=5e-4,
                           decay_milestones=(30,), decay_rate=0.5, sched_interval="epoch", epochs=70, batch_size=20,
                           no_decay_on_norm_bias=False, early_stopping_patience=5, monitor="val/loss",

@@ -4,11 +4,12 @@ as a palm model of this zoo.
 The library's `Trainer.save` writes {"step", "model" (the GaussianDiffusion state_dict), "opt", "ema" (ema-pytorch's
 `EMA` state_dict: `initted`, `step`, `online_model.*`, `ema_model.*`), "scaler", "version"}. Our `PalmDiffusion` holds
 the same two networks as `diffusion.*` and `ema.ema_model.*`, so conversion renames; the EMA weights are what
-`generate` samples from by default (`--raw-weights` for the others). `--set pretrained=true` starts a new training
-run from the released file's EMA weights (`released_weights`: converted once and cached by zoo.pretrained). The file does not store the constructor
+`generate` samples from by default (`--raw-weights` for the others). The file does not store the constructor
 arguments: the Unet's width, multipliers and attention layout are read from the tensors' shapes, the number of
 timesteps from `betas`, the beta schedule and objective by comparing the stored buffers with the library's own
 schedules; the image size is the published 128 (the file does not say), the rest the `published` preset.
+`--set pretrained=true` starts a new training run from the released file's EMA weights (`released_weights`:
+converted once and cached by zoo.pretrained).
 """
 from __future__ import annotations
 
