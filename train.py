@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def say(line: str) -> None:
+    """Print once per run: the processes a multi-device strategy starts (LOCAL_RANK / RANK > 0) stay quiet."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(line, flush=True)
+
+
 def list_models() -> str:
     """One line per registered model: name, status, presets with parameter counts, summary."""
     from zoo.summary import cached_counts
@@ -156,14 +164,24 @@ def is_run_dir_of(folder: Path, model: str) -> bool:
         return False
 
 
+RUN_DIR_ENV = "ZOO_RUN_DIR"
+
+
 def make_run_dir(args: argparse.Namespace, entry, resume_path: Path | None) -> Path:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     from zoo.trainer import CHECKPOINT_ROOT
 
+    if rank_zero_only.rank != 0 and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])  # a process DDP started: the run folder rank 0 chose, not a new one
     if resume_path is not None and is_run_dir_of(resume_path.parent, entry.name):
-        return resume_path.parent  # a checkpoint elsewhere (a download, another model's folder) gets a new run folder
-    preset = (args.preset or entry.config.DEFAULT_PRESET or "default").replace(",", "+")
-    name = args.run_name or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return CHECKPOINT_ROOT / entry.name / name
+        run_dir = resume_path.parent  # a checkpoint elsewhere (a download, another model's folder) gets a new folder
+    else:
+        preset = (args.preset or entry.config.DEFAULT_PRESET or "default").replace(",", "+")
+        name = args.run_name or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = CHECKPOINT_ROOT / entry.name / name
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes a multi-device strategy launches
+    return run_dir
 
 
 def check_cli(args: argparse.Namespace) -> None:
@@ -231,7 +249,7 @@ def run(argv: list[str] | None = None, extra_callbacks: list | None = None) -> d
         if task != entry.name:
             raise ZooError(f"--resume {resume_path} holds a '{task}' model, but --model is '{entry.name}'. "
                            f"Run `python train.py --model {task} --resume {resume_path}`.")
-        print(f"[train] resuming {resume_path} at epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}")
+        say(f"[train] resuming {resume_path} at epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}")
     eval_path = None
     if args.validate or args.test:
         if not args.ckpt:
@@ -271,7 +289,7 @@ def run(argv: list[str] | None = None, extra_callbacks: list | None = None) -> d
         cfg = cfg.replace(**data_fields)
     datamodule.cfg = cfg
     model = module_cls(config=cfg)
-    print(run_headline(entry.name, args.preset, model, datamodule, ckpt is not None), flush=True)
+    say(run_headline(entry.name, args.preset, model, datamodule, ckpt is not None))
 
     run_dir = make_run_dir(args, entry, resume_path or (eval_path if eval_path else None))
     opts = RunOptions(
@@ -315,7 +333,8 @@ def _run_trainer(trainer, args, model, datamodule, module_cls, run_dir, resume_p
         with safe_globals(), exit_status_of_signals():  # Lightning reads the file again (same allow-list)
             results = fn(model, datamodule=datamodule, ckpt_path=str(eval_path),
                          weights_only=not args.trust_checkpoint, verbose=False)
-        print(results_table(results))
+        if trainer.is_global_zero:
+            print(results_table(results))
         return {"trainer": trainer, "model": model, "datamodule": datamodule, "results": results, "run_dir": run_dir}
     with safe_globals(), exit_status_of_signals():  # SIGTERM / SIGINT: last.ckpt, resume command, exit 143 / 130
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_path) if resume_path else None,

@@ -4,8 +4,12 @@ the CPU (torch.multiprocessing) must give the 1-process metrics exactly."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,6 +20,7 @@ from models.face.metrics import retrieval_metrics
 from models.face.module import all_gather_stacked, gather_rows
 from zoo.verification import calibrate_threshold
 
+ROOT = Path(__file__).resolve().parent.parent
 N, CLASSES, DIM = 37, 6, 8  # 37: the two ranks' blocks differ in length (19 + 18)
 
 
@@ -90,3 +95,31 @@ def test_single_process_is_unchanged():
     g = torch.Generator().manual_seed(5 * 1_000_003 + 0)
     assert list(shuffle) == torch.randperm(N, generator=g).tolist()
     assert len(PKBatchSampler(labels.tolist(), batch_size=4, k=2, seed=3)) == N // 4
+
+
+@pytest.mark.slow  # two train.py processes (the only run of Lightning's DDP launcher in the suite)
+def test_a_two_process_ddp_run_is_as_quiet_as_one_process_and_keeps_one_run_folder(tmp_path):
+    """`--devices 2 --strategy ddp` on the CPU (gloo): the run's lines are printed once, Lightning asks nothing of the
+    epoch logs (no `sync_dist` or deprecated `all_gather` warnings), and the second process writes into the run
+    folder of the first instead of making its own."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               ZOO_CHECKPOINT_DIR=str(tmp_path / "ckpt"), ZOO_DEMO_DIR=str(tmp_path / "demo"))
+    env.pop("ZOO_RUN_DIR", None)
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "face", "--preset", "micro",
+                          "--devices", "2", "--strategy", "ddp", "--epochs", "2", "--limit-train-batches", "2",
+                          "--limit-val-batches", "1", "--logger", "csv", "--progress", "none",
+                          "--set", "image_size=32"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "All distributed processes registered. Starting with 2 processes" in out.stderr  # really two ranks
+    assert out.stdout.count("[train] face, preset micro") == 1, out.stdout
+    assert out.stdout.count("[train] checkpoints in") == 1, out.stdout
+    for noise in ("sync_dist", "all_gather", "Warning", "warn("):
+        assert noise not in out.stderr, out.stderr
+    runs = list((tmp_path / "ckpt" / "face").iterdir())
+    assert len(runs) == 1, runs
+    assert (runs[0] / "last.ckpt").is_file()
+    # one row of epoch metrics per validation, as in a single-process run
+    import csv
+
+    rows = [r for r in csv.DictReader(open(next(runs[0].rglob("metrics.csv")))) if r.get("val/rank1")]
+    assert len(rows) == 2, rows
