@@ -1,0 +1,100 @@
+"""`--compile`: the compiled network computes what the eager one does, and a compiled run's checkpoints are an eager
+run's (same state-dict keys: they open with `load_from_checkpoint` and resume without compiling)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import predict
+import train
+from callbacks.compile import compile_network
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _small_demansia2():
+    """DeMansia 2 micro cut to one Mamba-2 layer and one attention layer at 32 px: every op of the network (stem,
+    bidirectional SSD scan, causal conv, gated RMSNorm, rotary attention, heads), compiled in seconds."""
+    import timm
+
+    import models  # noqa: F401  (registers the zoo's timm names)
+
+    torch.manual_seed(0)
+    return timm.create_model("demansia2_micro", pretrained=False, img_size=32, depth=2, attn_layers=(1,))
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_network_equals_eager_forward_and_backward(backend):
+    holder = _Holder(_small_demansia2()).eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    eager = holder.net(x)
+    eager.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in holder.net.named_parameters()}
+    x_grad, x.grad = x.grad.clone(), None
+    holder.net.zero_grad()
+
+    times = compile_network(holder, backend)
+    out = holder.net(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_grad, rtol=1e-4, atol=1e-5)
+    for name, p in holder.net.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    if backend == "inductor":  # predict.py's verbs run under inference mode (a second graph: ~4 s more to trace)
+        with torch.inference_mode():
+            torch.testing.assert_close(holder.net(x), eager, rtol=1e-5, atol=1e-5)
+    assert len(times.seconds) == 1 + (backend == "inductor") and times.summary("call").startswith("first call")
+
+
+def test_compiled_run_writes_eager_checkpoints_that_resume_without_compiling(toy_registered, capsys):
+    from toy_task import ToyModule
+
+    common = ["--model", "toy", "--logger", "none", "--progress", "none"]
+    out = train.run([*common, "--compile-backend", "aot_eager", "--max-steps", "11"])
+    printed = capsys.readouterr().out
+    assert "[compile] torch.compile (aot_eager) of the network: first training step" in printed
+    assert "median of 10" in printed and "first validation batch" in printed
+    assert out["model"].net._compiled_call_impl is not None  # the run was compiled
+
+    last = out["run_dir"] / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert sorted(state) == sorted(ToyModule().state_dict())  # no `_orig_mod.` anywhere
+    model = ToyModule.load_from_checkpoint(str(last))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(model.eval()(x), out["model"].eval()(x))
+
+    resumed = train.run([*common, "--resume", str(last)])
+    assert resumed["trainer"].global_step > 11  # it trained on from step 11
+    assert resumed["model"].net._compiled_call_impl is None  # eager
+
+
+def test_unknown_backend_is_one_line_naming_the_flag(capsys):
+    assert train.main(["--model", "toy", "--compile-backend", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--compile-backend nope: not a torch.compile backend" in err and "inductor" in err
+    assert "Traceback" not in err
+
+
+def test_predict_compile_reports_the_network_calls(toy_registered, capsys, tmp_path):
+    out = train.run(["--model", "toy", "--logger", "none", "--progress", "none", "--max-steps", "2"])
+    capsys.readouterr()
+    assert predict.main(["--ckpt", str(out["run_dir"] / "last.ckpt"), "--compile", "export", "--format",
+                         "safetensors", "--out", str(tmp_path / "toy.safetensors")]) == 0
+    assert "[predict] torch.compile (inductor) of the network: the command did not call it" in capsys.readouterr().err
+
+    from toy_task import ToyModule
+
+    model = ToyModule.load_from_checkpoint(str(out["run_dir"] / "last.ckpt")).eval()
+    x = torch.randn(5, 4)
+    eager = model(x)
+    times = compile_network(model, "aot_eager")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), eager)
+        model(x)
+    assert times.summary("call").startswith("first call") and "(median of 1)" in times.summary("call")
