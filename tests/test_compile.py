@@ -52,6 +52,38 @@ def test_compiled_network_equals_eager_forward_and_backward(backend):
     assert len(times.seconds) == 1 + (backend == "inductor") and times.summary("call").startswith("first call")
 
 
+@pytest.mark.parametrize("batch, loops", [(1, False), (4, True)])
+def test_a_looping_scan_runs_uncompiled_inside_a_compiled_block(batch, loops):
+    """SS2D (d_model 16, d_state 16, 4 directions: 2,048 states per image and token) on 8x8 tokens: at batch 4 the
+    scan's rows reach SEQUENTIAL_ROW_ELEMENTS and it loops over the 64 time steps. Compiled, such a scan runs as it
+    is, a graph break either side, instead of unrolling into ops per time step; a parallel scan is traced whole.
+    Outputs and gradients equal eager's either way."""
+    from torch._dynamo.testing import CompileCounter
+
+    from models.blocks.ops import selective_scan
+    from models.blocks.ss2d import SS2D
+
+    torch.manual_seed(0)
+    block = SS2D(16, d_state=16)
+    x = torch.randn(batch, 8, 8, 16, requires_grad=True)
+    assert (batch * 2048 >= selective_scan.SEQUENTIAL_ROW_ELEMENTS) == loops
+    eager = block(x)
+    eager.square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    x.grad = None
+    block.zero_grad()
+
+    counter = CompileCounter()
+    block.compile(backend=counter)
+    out = block(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for got, want in zip([x.grad] + [p.grad for p in block.parameters()], grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (counter.frame_count > 1) == loops  # graphs around the scan, or one graph
+    assert counter.op_count < 100  # 70-73 ops: not one or more per time step (64) on top
+
+
 def test_compiled_run_writes_eager_checkpoints_that_resume_without_compiling(toy_registered, capsys):
     from toy_task import ToyModule
 
