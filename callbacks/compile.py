@@ -1,13 +1,16 @@
 """`--compile`: `torch.compile` of a task's network (`module.net`), and one line that says what compiling cost.
 
-The network is compiled in place (`nn.Module.compile`): its parameters stay where they are, so a compiled run's
-checkpoints hold the same state-dict keys as an eager run's (no `_orig_mod.` prefix) and open, or resume, without
-compiling. A copy of the network (an EMA's `deepcopy`) runs eager: `nn.Module` does not pickle its compiled call.
+The network is compiled in place: its call (`nn.Module.compile`) and its other entry points, the `forward_*` methods
+its class defines (DeMansia 2 trains through `forward_train`), each compiled lazily on first use. Its parameters stay
+where they are, so a compiled run's checkpoints hold the same state-dict keys as an eager run's (no `_orig_mod.`
+prefix) and open, or resume, without compiling. A copy of the network (an EMA's `deepcopy`) calls eager (`nn.Module`
+does not copy its compiled call) and its `forward_*` methods compiled, bound to the copy.
 """
 from __future__ import annotations
 
 import statistics
 import time
+import types
 from typing import Any
 
 import lightning as L
@@ -71,10 +74,20 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def compile_in_place(net: nn.Module, backend: str = DEFAULT_BACKEND) -> None:
+    """`net.compile()` and every `forward_*` method of its class compiled, as an attribute of `net` (not in its
+    state dict; `copy.deepcopy` binds it to the copy)."""
+    net.compile(backend=backend)
+    for name in dir(type(net)):
+        method = getattr(type(net), name, None)
+        if name.startswith("forward_") and isinstance(method, types.FunctionType):
+            setattr(net, name, types.MethodType(torch.compile(method, backend=backend), net))
+
+
 def compile_network(module: nn.Module, backend: str = DEFAULT_BACKEND) -> CallTimes:
     """Compile `module.net` in place and time each of its calls (predict.py's use: inference calls the network)."""
     net = network_of(module)
-    net.compile(backend=backend)
+    compile_in_place(net, backend)
     compiled, times = net._compiled_call_impl, CallTimes()
 
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -108,7 +121,7 @@ class CompileNetwork(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         net = network_of(pl_module)
         if net._compiled_call_impl is None:
-            net.compile(backend=self.backend)
+            compile_in_place(net, self.backend)
 
     def line(self) -> str:
         parts = [t.summary(self.PHASES[p]) for p, t in self.times.items()]

@@ -52,6 +52,42 @@ def test_compiled_network_equals_eager_forward_and_backward(backend):
     assert len(times.seconds) == 1 + (backend == "inductor") and times.summary("call").startswith("first call")
 
 
+class _TwoEntries(torch.nn.Module):
+    """A network with a second entry point, as DeMansia 2's `forward_train`."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x).relu()
+
+    def forward_train(self, x):
+        return self.lin(x).tanh(), self.lin.weight.sum()
+
+
+def test_forward_methods_are_compiled_too_and_a_copy_keeps_its_own_weights():
+    import copy
+
+    from torch._dynamo.testing import CompileCounter
+
+    from callbacks.compile import compile_in_place
+
+    net, x, counter = _TwoEntries(), torch.randn(5, 4), CompileCounter()
+    eager, eager_train = net(x), net.forward_train(x)
+    compile_in_place(net, counter)
+    torch.testing.assert_close(net(x), eager)
+    torch.testing.assert_close(net.forward_train(x), eager_train)
+    assert counter.frame_count == 2  # the call and forward_train, each one graph
+    assert sorted(net.state_dict()) == ["lin.bias", "lin.weight"]
+
+    twin = copy.deepcopy(net)  # as an EMA copies the network
+    with torch.no_grad():
+        twin.lin.weight.mul_(-1.0)
+    torch.testing.assert_close(twin.forward_train(x)[1], -eager_train[1])  # the copy's weights, not the original's
+    torch.testing.assert_close(net.forward_train(x), eager_train)
+
+
 @pytest.mark.parametrize("batch, loops", [(1, False), (4, True)])
 def test_a_looping_scan_runs_uncompiled_inside_a_compiled_block(batch, loops):
     """SS2D (d_model 16, d_state 16, 4 directions: 2,048 states per image and token) on 8x8 tokens: at batch 4 the
