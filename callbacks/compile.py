@@ -77,6 +77,12 @@ def _sync() -> None:
 def compile_in_place(net: nn.Module, backend: str = DEFAULT_BACKEND) -> None:
     """`net.compile()` and every `forward_*` method of its class compiled, as an attribute of `net` (not in its
     state dict; `copy.deepcopy` binds it to the copy)."""
+    import einops
+
+    # einops caches a backend per tensor type on first use, and compiled graphs guard on the size of that cache:
+    # a Parameter first seen by eager code after the first compilation (an EMA copy's call) would recompile it.
+    for t in (torch.zeros(1), nn.Parameter(torch.zeros(1))):
+        einops.rearrange(t, "a -> a")
     net.compile(backend=backend)
     for name in dir(type(net)):
         method = getattr(type(net), name, None)
