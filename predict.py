@@ -76,6 +76,8 @@ def run(argv: list[str] | None = None) -> int:
     pre.add_argument("--ckpt")
     pre.add_argument("--device", default="cpu")
     pre.add_argument("--trust-checkpoint", action="store_true")
+    pre.add_argument("--compile", action="store_true")
+    pre.add_argument("--compile-backend", default=None)
     pre.add_argument("verb", nargs="?")
     known, _ = pre.parse_known_args(argv)
     if not known.ckpt:
@@ -84,6 +86,10 @@ def run(argv: list[str] | None = None) -> int:
             return 0
         raise ZooError("predict.py needs --ckpt PATH (a checkpoint written by train.py; the task is read from it).")
 
+    if known.compile or known.compile_backend:
+        from callbacks.compile import check_backend
+
+        check_backend(known.compile_backend or "inductor", "--compile-backend")
     import model_config  # noqa: F401 - the tasks' registrations, which load_model looks the checkpoint's task up in
 
     model = open_model(known.ckpt, known.device, known.trust_checkpoint)
@@ -100,6 +106,10 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--trust-checkpoint", action="store_true", help="load --ckpt with full pickle, which can run "
                         "code: only for a file you trust that holds types beyond tensors and plain data")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network; prints how long its "
+                        "first call took against later ones (default: eager)")
+    parser.add_argument("--compile-backend", default=None, metavar="BACKEND", help="torch.compile backend (implies "
+                        "--compile; default inductor; aot_eager or eager only capture the graph)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for c in model.commands():
         c.add_arguments(sub.add_parser(c.name, aliases=list(c.aliases), help=c.help, description=c.help))
@@ -109,7 +119,17 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.verb not in commands:
         raise unknown("command", args.verb, commands)
-    return commands[args.verb](model, args)
+    if not (args.compile or args.compile_backend):
+        return commands[args.verb](model, args)
+    from callbacks.compile import compile_network
+
+    backend = args.compile_backend or "inductor"
+    times = compile_network(model, backend)
+    try:
+        return commands[args.verb](model, args)
+    finally:
+        print(f"[predict] torch.compile ({backend}) of the network: "
+              f"{times.summary('call') or 'the command did not call it'}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

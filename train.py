@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--devices", default="auto", help="number of devices, or a list like 0,1 (default auto)")
     h.add_argument("--num-nodes", type=int, default=1)
     h.add_argument("--strategy", default="auto", help="auto, ddp, fsdp, deepspeed, ... (passed to the Trainer)")
+    h.add_argument("--compile", action="store_true", help="torch.compile the network; prints how long the first "
+                   "compiled step took against later ones (default: eager)")
+    h.add_argument("--compile-backend", default=None, metavar="BACKEND", help="torch.compile backend (implies "
+                   "--compile; default inductor; aot_eager or eager only capture the graph)")
     c = p.add_argument_group("checkpoints and logging")
     c.add_argument("--run-name", default=None, help="run folder under checkpoints/<model>/ (default: preset-time)")
     c.add_argument("--resume", default=None, metavar="PATH|last", help="continue a run from a checkpoint, or the "
@@ -204,6 +208,10 @@ def check_cli(args: argparse.Namespace) -> None:
                         ("--limit-val-batches", args.limit_val_batches)):
         if value is not None and not value >= 0:
             raise ZooError(f"{flag} {value}: must be a fraction in [0, 1] or a number of batches >= 1.")
+    if args.compile or args.compile_backend:
+        from callbacks.compile import check_backend
+
+        check_backend(args.compile_backend or "inductor", "--compile-backend")
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -300,6 +308,7 @@ def run(argv: list[str] | None = None, extra_callbacks: list | None = None) -> d
         limit_val_batches=_limit(args.limit_val_batches), monitor=cfg.monitor, monitor_mode=cfg.monitor_mode,
         save_top_k=cfg.save_top_k, deterministic=args.deterministic, progress=args.progress,
         ckpt_every_n_steps=args.ckpt_every_n_steps if args.ckpt_every_n_steps is not None else cfg.ckpt_every_n_steps,
+        compile=(args.compile_backend or "inductor") if args.compile or args.compile_backend else None,
     )
     # --validate / --test write nothing beside the checkpoint unless it sits in a run folder of this model
     owns_dir = eval_path is None or is_run_dir_of(run_dir, entry.name)

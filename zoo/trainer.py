@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import (
     RichModelSummary,
 )
 
+from callbacks.compile import CompileNetwork
 from callbacks.divergence import DivergenceGuard
 from callbacks.final_checkpoint import CrashCheckpoint, FinalCheckpoint
 from callbacks.loop_state import EpochEndResume
@@ -94,6 +95,7 @@ class RunOptions:
     ckpt_every_n_steps: int = 0
     deterministic: bool = False
     progress: str = "rich"  # rich | tqdm | none
+    compile: str | None = None  # a torch.compile backend: the network is compiled (callbacks.compile); None = eager
 
 
 # Lightning and dependency messages that say nothing about this run (the run prints its own device and paths).
@@ -183,8 +185,9 @@ def build_callbacks(opts: RunOptions) -> list[L.Callback]:
     """Checkpointing (last.ckpt always, best-k by the task's monitor, a checkpoint on any crash or Ctrl-C)."""
     ckpt_dir = opts.run_dir
     monitor_name = opts.monitor.replace("/", "_")
+    compiling: list[L.Callback] = [CompileNetwork(opts.compile)] if opts.compile else []
     if opts.fast_dev_run:  # a smoke test: writes no checkpoint that a later --resume last could pick up
-        callbacks: list[L.Callback] = [DivergenceGuard()]
+        callbacks: list[L.Callback] = [DivergenceGuard(), *compiling]
         if opts.progress == "rich":
             callbacks.append(CompactRichProgressBar(opts.monitor, leave=True))
         return callbacks
@@ -204,6 +207,7 @@ def build_callbacks(opts: RunOptions) -> list[L.Callback]:
         RNGStateCallback(),
         EpochEndResume(),
         DivergenceGuard(),
+        *compiling,
     ]
     if opts.ckpt_every_n_steps > 0:
         # A second checkpointer that only refreshes last.ckpt mid-epoch, so a killed run loses at most N steps.

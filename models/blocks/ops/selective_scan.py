@@ -250,6 +250,37 @@ def segment_length(length: int, row_bytes: int) -> int:
     return -(-length // count)
 
 
+def _scan_grouped(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                  last: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The scan on grouped, contiguous compute-dtype tensors (u, delta (L, b, g, h); A (g, h, n); B, C (L, b, g, n);
+    last (b, g, h, n) or None): in one piece, in segments, or in segments recomputed in the backward."""
+    row_bytes = u[0].numel() * A.shape[-1] * u.element_size()
+    length = u.shape[0]
+    seg = segment_length(length, row_bytes)
+    if seg >= length:
+        return _SelectiveScanTM.apply(u, delta, A, B, C, last)
+    if length * row_bytes > RECOMPUTE_BYTES:  # segments, states recomputed in the backward (see SEGMENT_BYTES)
+        return _SegmentedScanTM.apply(u, delta, A, B, C, last, seg)
+    ys = []  # segments, each keeping its states (no recomputation: the states are small)
+    for s in range(0, length, seg):
+        t = slice(s, s + seg)
+        y, last = _SelectiveScanTM.apply(u[t], delta[t], A, B[t], C[t], last)
+        ys.append(y)
+    return torch.cat(ys), last
+
+
+# Under torch.compile a scan that loops (over segments, or over every time step for wide rows) runs as it is, a graph
+# break either side: traced, the loops would unroll into graphs of thousands of ops (minutes of compilation per call
+# site). A scan in one parallel piece is traced and fused with its neighbours.
+_scan_grouped_uncompiled = torch.compiler.disable(_scan_grouped)
+
+
+def _loops(u: Tensor, n: int) -> bool:
+    """Whether the scan of u (L, b, g, h) with n states per channel loops over segments or time steps."""
+    length, row = u.shape[0], u[0].numel() * n
+    return length > 1 and (row >= SEQUENTIAL_ROW_ELEMENTS or segment_length(length, row * u.element_size()) < length)
+
+
 @autocast_off
 def selective_scan_tm(
     u: Tensor,
@@ -279,21 +310,8 @@ def selective_scan_tm(
     u_g = prep(rearrange(u, "l b (g h) -> l b g h", g=groups))
     delta_g = prep(rearrange(delta, "l b (g h) -> l b g h", g=groups))
     A_g = prep(rearrange(A, "(g h) n -> g h n", g=groups))
-    B, C = prep(B), prep(C)
-    row_bytes = u_g[0].numel() * A.shape[-1] * u_g.element_size()
-    seg = segment_length(u_g.shape[0], row_bytes)
-    length = u_g.shape[0]
-    if seg >= length:
-        y, last = _SelectiveScanTM.apply(u_g, delta_g, A_g, B, C, last)
-    elif length * row_bytes > RECOMPUTE_BYTES:  # segments, states recomputed in the backward (see SEGMENT_BYTES)
-        y, last = _SegmentedScanTM.apply(u_g, delta_g, A_g, B, C, last, seg)
-    else:  # segments, each keeping its states (no recomputation: the states are small)
-        ys = []
-        for s in range(0, length, seg):
-            t = slice(s, s + seg)
-            y, last = _SelectiveScanTM.apply(u_g[t], delta_g[t], A_g, B[t], C[t], last)
-            ys.append(y)
-        y = torch.cat(ys)
+    scan = _scan_grouped_uncompiled if torch.compiler.is_compiling() and _loops(u_g, A.shape[-1]) else _scan_grouped
+    y, last = scan(u_g, delta_g, A_g, prep(B), prep(C), last)
     y = rearrange(y, "l b g h -> l b (g h)")
     if D is not None:
         y = y + u.to(cd) * D.to(cd)

@@ -90,8 +90,9 @@ FACTOR_SPAN = {torch.float64: 600.0, torch.float32: 80.0}
 
 def _host_min(t: Tensor) -> float | None:
     """min(t) read from host memory for a CPU tensor; None on a device, where reading it would stall the device (the
-    callers then take the path that needs no value: a GPU runs mamba-ssm's kernels anyway)."""
-    if t.device.type != "cpu":
+    callers then take the path that needs no value: a GPU runs mamba-ssm's kernels anyway), and under torch.compile,
+    where a value read from a tensor splits the graph."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     return float(t.detach().min().numpy())
 
@@ -110,7 +111,7 @@ def factored_chunk_len(dA: Tensor, chunk_len: int) -> int:
     tokens evenly over 2x, 4x, ... as many chunks (down to MIN_FACTOR_CHUNK) whose every chunk decays by at most
     FACTOR_SPAN, so that ssd_chunked factors its decays; `chunk_len` again when none does (strong decay: the
     per-head decay matrices). dA: (b, l, h) per-token log-decays dt * A (<= 0)."""
-    span = FACTOR_SPAN.get(dA.dtype, 0.0) if dA.device.type == "cpu" else 0.0
+    span = FACTOR_SPAN.get(dA.dtype, 0.0) if dA.device.type == "cpu" and not torch.compiler.is_compiling() else 0.0
     b, seqlen, h = dA.shape
     q, dA = chunk_len, dA.detach()
     while span > 0:
