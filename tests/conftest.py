@@ -77,10 +77,16 @@ def mamba_ref() -> types.SimpleNamespace:
 
 @pytest.fixture(scope="session", autouse=True)
 def _demo_and_checkpoints_in_tmp(tmp_path_factory):
-    """Demo datasets are generated once per session in a temporary folder; runs never write into the repo."""
+    """Demo datasets are generated once per session (and once for all xdist workers) in a temporary folder; runs never
+    write into the repo."""
     import zoo.trainer
 
-    os.environ["ZOO_DEMO_DIR"] = str(tmp_path_factory.mktemp("demo"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one demo folder for every worker: demo sets are written atomically
+        demo = tmp_path_factory.getbasetemp().parent / "demo"
+        demo.mkdir(exist_ok=True)
+    else:
+        demo = tmp_path_factory.mktemp("demo")
+    os.environ["ZOO_DEMO_DIR"] = str(demo)
     zoo.trainer.CHECKPOINT_ROOT = tmp_path_factory.mktemp("checkpoints")
     yield
 

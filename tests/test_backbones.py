@@ -73,6 +73,7 @@ def test_pretrained_loads_the_cached_file_offline(empty_caches):
     assert torch.equal(net.conv1[0].weight, reference.conv1[0].weight)
 
 
+@pytest.mark.slow  # a fresh Python process (imports torch, Lightning, timm: ~5 s before the test starts)
 def test_every_zoo_backbone_is_created_by_timm_after_import_models():
     """A fresh interpreter: `import models` alone registers every task's timm names (no hand-kept module list)."""
     import subprocess

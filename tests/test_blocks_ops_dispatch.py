@@ -34,6 +34,7 @@ def ref_cpu(mamba_ref, monkeypatch):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # a fresh Python process (imports torch, Lightning, timm: ~5 s before the test starts)
 def test_cpu_never_imports_mamba_ssm():
     # timm (imported by `models`, which registers the zoo's timm names) imports triton on its own, so triton is made
     # unimportable here: the portable path must run without mamba-ssm, causal-conv1d and triton, and import none.

@@ -126,6 +126,7 @@ def test_the_zoo_timm_names_the_configs_know_are_the_registered_ones():
     assert ZOO_TIMM_NAMES == models.TIMM_NAMES
 
 
+@pytest.mark.slow  # a fresh Python process (imports torch, Lightning, timm: ~5 s before the test starts)
 def test_a_backbone_name_is_checked_without_building_a_network():
     """HandConfig validates a timm backbone by name: no Lightning, no task package, no network."""
     code = ("import sys, model_config\n"

@@ -56,6 +56,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes (torch.multiprocessing spawn: each imports the zoo)
 def test_two_gloo_ranks_give_the_single_process_metrics(tmp_path):
     import socket
 

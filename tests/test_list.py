@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 CODE = ("import sys, train; train.run(['--list']); "
         "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')")
@@ -18,6 +20,7 @@ def run_list(cache: Path) -> str:
     return out.stdout
 
 
+@pytest.mark.slow  # a fresh Python process (imports torch, Lightning, timm: ~5 s before the test starts)
 def test_list_counts_once_then_answers_without_torch(tmp_path):
     first = run_list(tmp_path)
     assert "TORCH_IMPORTED" in first and (tmp_path / "param_counts.json").is_file()

@@ -334,6 +334,7 @@ def interrupted(palm, tmp_path_factory):
     return (*interrupt_generate(ckpt, out, GEN), out)
 
 
+@pytest.mark.slow  # the `interrupted` fixture is a predict.py process
 def test_an_interrupted_generate_leaves_only_complete_individuals_and_says_so(interrupted):
     code, stdout, stderr, out = interrupted
     assert code == 130, stderr[-2000:]
@@ -352,6 +353,7 @@ def test_an_interrupted_generate_leaves_only_complete_individuals_and_says_so(in
     assert meta["status"] == "interrupted"
 
 
+@pytest.mark.slow  # the `interrupted` fixture is a predict.py process
 def test_readers_say_a_generated_set_is_incomplete(palm, interrupted, capsys):
     from datamodules.lfw import LFWDataModule
     from model_config import FaceConfig
@@ -382,6 +384,7 @@ def test_readers_say_a_generated_set_is_incomplete(palm, interrupted, capsys):
     assert f"{people} of 40" in err and "incomplete" in err
 
 
+@pytest.mark.slow  # the `interrupted` fixture is a predict.py process
 def test_the_same_command_resumes_an_interrupted_set(palm, interrupted, tmp_path, capsys):
     import shutil
 

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test is a train.py process (imports torch, Lightning, timm: ~5 s each)
 ROOT = Path(__file__).resolve().parent.parent
 NOISE = ["GPU available", "TPU available", "litlogger", "set_vital", "LeafSpec", "exists and is not empty",
          "weights_only` was not set", "Traceback"]

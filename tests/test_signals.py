@@ -18,6 +18,7 @@ from zoo.checkpoint import read_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # real signals to train.py processes
 @pytest.mark.parametrize("name, status, workers", [("TERM", 143, "0"), ("INT", 130, "0"), ("TERM", 143, "2")])
 def test_a_signal_mid_epoch_saves_prints_the_resume_command_and_exits_128_plus_signal(tmp_path, name, status,
                                                                                       workers):
