@@ -82,6 +82,10 @@ class DeMansia2Config(BaseConfig):
     label_smoothing: float = 0.1
     token_label_dir: str | None = None  # LV-ViT token labels: <dir>/<class>/<stem>.pt
     teacher: str | None = None  # makes missing token labels first: a zoo checkpoint, or a timm name (pretrained)
+    # DeiT's hard-label distillation from `teacher` (frozen, run on each training batch): a distillation token whose
+    # head learns the teacher's argmax. With distill, `teacher` makes token labels only into a given token_label_dir.
+    distill: Literal["none", "hard"] = "none"
+    distill_weight: float = 0.5  # DeiT's alpha: class loss = (1 - w) * CE(cls, label) + w * CE(dist, teacher argmax)
     token_label_weight: float = 1.0  # weight of the dense token loss
     cls_label_weight: float = 1.0  # weight of the class-token loss
     mix_token: bool = True
@@ -149,7 +153,8 @@ class DeMansia2Config(BaseConfig):
         "crop_pct": between(0, 1, lo_open=True), "label_smoothing": between(0, 1, hi_open=True),
         "token_label_dir": Free("a folder, checked when the data loads"),
         "teacher": Free("a classifier checkpoint or a timm name, checked when the data loads"), "token_label_weight": at_least(0),
-        "cls_label_weight": at_least(0), "aux_weight": at_least(0), "ema_decay": between(0, 1, hi_open=True),
+        "cls_label_weight": at_least(0), "aux_weight": at_least(0), "distill_weight": between(0, 1),
+        "ema_decay": between(0, 1, hi_open=True),
         "backbone": NON_EMPTY, "random_erasing": between(0, 1), "crop_scale_min": between(0, 1, lo_open=True),
         "randaugment": Matches(r"((rand|augmix|original|originalr|v0|v0r|3a)(-[\w.]+)*)?",
                                "empty (off) or a timm auto-augment string such as rand-m9-mstd0.5-inc1", "bogus"),
@@ -160,6 +165,12 @@ class DeMansia2Config(BaseConfig):
         if self.class_names and len(self.class_names) != self.num_classes:
             raise config_error(self, "class_names", f"must name num_classes={self.num_classes} classes, not "
                                                     f"{len(self.class_names)} (or be empty)")
+        if self.distill != "none" and not self.teacher:
+            raise config_error(self, "distill", "needs a teacher: add --set teacher=CKPT (a classifier checkpoint "
+                                                "trained on this data) or --set teacher=TIMM_NAME")
+        if self.distill != "none" and self.backbone != "own":
+            raise config_error(self, "distill", f"needs the DeMansia 2 network (its distillation token); "
+                                                f"backbone={self.backbone} has none: use --set backbone=own")
         if self.backbone != "own":
             return  # a timm classifier: the fields below describe our network only
         mamba_width_check(self)

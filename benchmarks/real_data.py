@@ -33,6 +33,9 @@ zeros, and under the table that of the best constant output image fitted on the 
 learned only the mean). With
 EMA (demansia2, palm) the test scores the EMA weights; demansia2's last validation EMA and raw top-1 are printed under
 the table, which shows whether the average lags the raw weights.
+demansia2's teacher rows (`--teacher-rows I,J`, `--no-teacher-rows`) train DeMansia 2 taught by the CNN row of the
+same seed: on its token labels, and / or by DeiT's hard distillation (`--set distill=hard --set teacher=<its ckpt>`);
+the teacher's time is printed beside the student's. `--skip-default` leaves out the default row.
 `--row "LABEL=KEY=VALUE;KEY=VALUE"` adds a row with those `--set` overrides (e.g. to try a preset change), and
 `--extra-rows-only` keeps only those. `--seeds N` runs every row with seeds 0..N-1, interleaved (seed 0 of every row,
 then seed 1, ...) so that a drift in the machine's load touches every row alike, and prints mean +- standard
@@ -59,18 +62,24 @@ import torch  # noqa: E402
 
 ROWS = {
     "demansia2": [("default (DeMansia 2)", []), ("timm test_resnet", ["--set", "backbone=test_resnet"])],
-    # The same DeMansia 2 with token labels made by the test_resnet row of the same seed (its last weights as the
-    # teacher; `TEACHER_ROWS`): the recipe of docs/demansia2.md for small data.
+    # The same DeMansia 2 taught by the test_resnet row of the same seed (its last weights as the teacher; token
+    # labels and / or DeiT's hard distillation, `TEACHER_ROWS`): the recipes of docs/demansia2.md for small data.
     "face": [("default (Mamba encoder)", []), ("timm test_resnet", ["--set", "backbone=test_resnet"])],
     "agegender": [("default (timm resnet10t)", []), ("zoo demansia2_micro", ["--set", "backbone=demansia2_micro"]),
                   ("timm test_resnet", ["--set", "backbone=test_resnet"])],
     "hand": [("default (VMamba U-Net)", []), ("timm test_convnext", ["--set", "backbone=test_convnext"])],
     "palm": [("default (Unet + VSS)", []), ("Unet with attention", ["--set", "mixer=attention"])],
 }
+# (label, teacher row, --set overrides, what the teacher gives: token "labels" (made from its last weights into
+# token_label_dir) and / or "distill" (DeiT's hard distillation: `--set teacher=<its last.ckpt>`, `distill=hard`)).
 TEACHER_ROWS = {"demansia2": [
-    ("DeMansia 2 + CNN token labels", "timm test_resnet", []),  # LV-ViT's recipe: class token on the teacher's map
-    ("+ labels, class token on label", "timm test_resnet", ["--set", "token_label_cls=label"]),
-    ("+ labels, label cls, MixToken", "timm test_resnet", ["--set", "token_label_cls=label", "--set", "mix_token=true"]),
+    ("DeMansia 2 + CNN token labels", "timm test_resnet", [], {"labels"}),  # LV-ViT: class token on the teacher's map
+    ("+ labels, class token on label", "timm test_resnet", ["--set", "token_label_cls=label"], {"labels"}),
+    ("+ labels, label cls, MixToken", "timm test_resnet", ["--set", "token_label_cls=label", "--set", "mix_token=true"],
+     {"labels"}),
+    ("DeMansia 2 + hard distillation", "timm test_resnet", ["--set", "distill=hard"], {"distill"}),
+    ("+ labels (label cls) + hard distillation", "timm test_resnet", ["--set", "token_label_cls=label",
+                                                                        "--set", "distill=hard"], {"labels", "distill"}),
 ]}
 # Applied to every row of the task (before the command line's --set): the protocol with a test split, and the real
 # 11k Hands samples name more images in HandInfo.csv than they hold.
@@ -304,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-rows-only", action="store_true", help="only the --row rows (no default and CNN rows)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="seeds per row (0..N-1), rows interleaved (default 1)")
-    p.add_argument("--no-teacher-rows", action="store_true", help="demansia2: skip the rows trained on the CNN row's "
-                   "token labels")
+    p.add_argument("--no-teacher-rows", action="store_true", help="demansia2: skip the rows taught by the CNN row "
+                   "(its token labels, hard distillation)")
     p.add_argument("--teacher-rows", default=None, metavar="I,J", help="demansia2: only these teacher rows (0-based)")
     p.add_argument("--skip-default", action="store_true", help="leave out the default row (the first one)")
     args = p.parse_args(argv)
@@ -332,18 +341,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "demansia2":
             data_dir = imagefolder_split(data_dir, Path(tmp))
         runs: dict[str, list[dict]] = {name: [] for name, _ in rows_spec}
-        runs.update({name: [] for name, _, _ in teacher_rows})
+        runs.update({name: [] for name, _, _, _ in teacher_rows})
         for seed in range(args.seeds):
             for name, extra in rows_spec:
                 print(f"\n=== {args.task}: {name}, seed {seed} ===", flush=True)
                 runs[name].append(run_row(args.task, data_dir, [*extra, "--seed", str(seed)], args.preset,
                                           60 * args.budget_minutes, common))
-            for name, teacher_row, extra in teacher_rows:
+            for name, teacher_row, extra, uses in teacher_rows:
                 print(f"\n=== {args.task}: {name}, seed {seed} (teacher: {teacher_row}) ===", flush=True)
-                labels = Path(tmp) / f"token-labels-seed{seed}"
-                label_s = make_labels(runs[teacher_row][-1]["ckpt"], data_dir, labels)
-                row = run_row(args.task, data_dir, [*extra, "--seed", str(seed), "--set", f"token_label_dir={labels}"],
-                              args.preset, 60 * args.budget_minutes, common)
+                ckpt, label_s, sets = runs[teacher_row][-1]["ckpt"], 0.0, []
+                if "labels" in uses:
+                    labels = Path(tmp) / f"token-labels-seed{seed}"
+                    label_s = make_labels(ckpt, data_dir, labels)
+                    sets += ["--set", f"token_label_dir={labels}"]
+                if "distill" in uses:
+                    sets += ["--set", f"teacher={ckpt}"]
+                row = run_row(args.task, data_dir, [*extra, "--seed", str(seed), *sets], args.preset,
+                              60 * args.budget_minutes, common)
                 row["teacher_seconds"] = runs[teacher_row][-1]["seconds"] + label_s
                 runs[name].append(row)
         # The split may follow the seed (face, agegender): the floor is taken on each seed's test split and averaged.
@@ -365,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"| floor: {floor_name:<19} | - | - | - | {floor_vals} |")
     for name, rs in runs.items():
         if "teacher_seconds" in rs[0]:
-            lines.append(f"\n{name}: the teacher's training and labelling took {np.mean([r['teacher_seconds'] for r in rs]):.0f} s "
-                         f"before the student's {np.mean([r['seconds'] for r in rs]):.0f} s")
+            lines.append(f"\n{name}: the teacher's training (and labelling) took "
+                         f"{np.mean([r['teacher_seconds'] for r in rs]):.0f} s before the student's "
+                         f"{np.mean([r['seconds'] for r in rs]):.0f} s")
     for name, r in rows:
         if "val/top1_raw" in r["last_val"]:
             lines.append(f"\n{name}: last validation top-1 {r['last_val']['val/top1']:.3f} with the EMA weights "

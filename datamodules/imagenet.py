@@ -229,11 +229,12 @@ class ImageNetDataModule(ZooDataModule):
 
     def token_label_root(self) -> Path | None:
         """Where the token labels are: `token_label_dir`, else with a `teacher` a cache folder named for the teacher
-        and the data (<ZOO_CACHE_DIR or .zoo_cache>/token_labels/<teacher>-<hash>); None without either."""
+        and the data (<ZOO_CACHE_DIR or .zoo_cache>/token_labels/<teacher>-<hash>); None without either, and with
+        `distill` (the teacher is then a distillation teacher: token labels only into a given token_label_dir)."""
         label_dir, teacher = getattr(self.cfg, "token_label_dir", None), getattr(self.cfg, "teacher", None)
         if label_dir:
             return Path(label_dir).expanduser()
-        if not teacher:
+        if not teacher or getattr(self.cfg, "distill", "none") != "none":
             return None
         import hashlib
 

@@ -88,6 +88,8 @@ class TokenLabelingLoss(nn.Module):
     forward(cls_logits (B, K), token_logits (B, N, K), cls_target (B, K), token_target (B, N, K) or None) ->
     (loss, {"cls": ..., "token": ...}). With token_target None (plain labels) the token term is the soft CE of the
     max over tokens of the token logits against `max_target` (B, K): it trains the quantity the eval logits use.
+    `cls_loss`, when given, is the class term already computed (DeiT's distillation loss, which contains the soft CE
+    of the class logits) and replaces soft CE(cls_logits, cls_target).
     """
 
     def __init__(self, cls_weight: float = 1.0, token_weight: float = 1.0):
@@ -95,8 +97,9 @@ class TokenLabelingLoss(nn.Module):
         self.cls_weight, self.token_weight = cls_weight, token_weight
 
     def forward(self, cls_logits: Tensor, token_logits: Tensor, cls_target: Tensor, token_target: Tensor | None = None,
-                max_target: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        cls_loss = soft_cross_entropy(cls_logits, cls_target)
+                max_target: Tensor | None = None, cls_loss: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if cls_loss is None:
+            cls_loss = soft_cross_entropy(cls_logits, cls_target)
         if token_target is not None:
             token_loss = soft_cross_entropy(token_logits, token_target)
         elif max_target is not None:

@@ -83,6 +83,11 @@ class DeMansia2Net(nn.Module):
     tokens of aux_head(tokens). With num_classes=0 both heads are Identity and `forward` returns the normalised class
     token (B, d_model).
 
+    distill_token (DeiT's hard distillation, `--set distill=hard`): a second learned token right after the class token
+    (index N // 2 + 1; no position embedding of its own: a learned token needs none) with its own `head_dist`, trained
+    on a teacher's argmax; eval logits then use DeiT's average (head(cls) + head_dist(dist)) / 2 in place of head(cls),
+    and `pre_logits` the average of the two tokens. Off: the network and its state_dict are the released ones.
+
     scan_mode: "bidirectional" (the sequence scanned both ways) or "legacy" (the published channel-flip mixer, needed
     to run the released weights).
     """
@@ -92,7 +97,8 @@ class DeMansia2Net(nn.Module):
                  num_heads: int = 3, attn_head_dim: int = 96, rotary_dim: int = 48, d_state: int = 128,
                  d_conv: int = 4, expand: int = 2, headdim: int = 48, chunk_size: int = 256,
                  scan_mode: str = "bidirectional", stem_channels: int = 64, drop_path_rate: float = 0.0,
-                 aux_weight: float = 0.5, norm_eps: float = 1e-5, stem: str = "lvvit", **_ignored: Any):
+                 aux_weight: float = 0.5, norm_eps: float = 1e-5, stem: str = "lvvit", distill_token: bool = False,
+                 **_ignored: Any):
         super().__init__()
         if scan_mode not in ("bidirectional", "legacy"):
             raise ValueError(f"scan_mode must be 'bidirectional' or 'legacy', got {scan_mode!r}")
@@ -106,6 +112,9 @@ class DeMansia2Net(nn.Module):
         self.aux_weight, self.depth = aux_weight, depth
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, d_model))
+        self.num_prefix_tokens = 2 if distill_token else 1
+        if distill_token:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, d_model))
 
         norm_cls = partial(RMSNorm, eps=norm_eps)
         mamba = partial(BidirectionalMamba2, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
@@ -122,6 +131,8 @@ class DeMansia2Net(nn.Module):
         self.norm_f = RMSNorm(d_model, eps=norm_eps)
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.aux_head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
+        if distill_token:
+            self.head_dist = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=d_model, reduction=self.patch_embed.stride, module=f"layers.{i}")
                              for i in range(depth)]
         self._init_weights()
@@ -134,12 +145,14 @@ class DeMansia2Net(nn.Module):
                 lecun_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for head in (self.head, self.aux_head):
+        for head in (self.head, self.aux_head, getattr(self, "head_dist", None)):
             if isinstance(head, nn.Linear):
                 trunc_normal_(head.weight, std=0.02)
                 nn.init.zeros_(head.bias)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
+        if self.has_dist_token:
+            trunc_normal_(self.dist_token, std=0.02)
         for layer in self.layers:
             for m in layer.modules():
                 if isinstance(m, nn.Linear) and m.bias is not None:
@@ -151,7 +164,11 @@ class DeMansia2Net(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "dist_token"} if self.has_dist_token else {"pos_embed", "cls_token"}
+
+    @property
+    def has_dist_token(self) -> bool:
+        return self.num_prefix_tokens == 2
 
     # ----- tokens -----
     def token_grid(self, x: Tensor) -> tuple[int, int]:
@@ -159,7 +176,8 @@ class DeMansia2Net(nn.Module):
         return x.shape[-2] // s, x.shape[-1] // s
 
     def embed(self, x: Tensor, box: tuple[int, int, int, int] | None = None) -> Tensor:
-        """Image (B, C, H, W) -> tokens (B, N + 1, d_model) with the class token at N // 2 and positions added.
+        """Image (B, C, H, W) -> tokens (B, N + 1, d_model) with the class token at N // 2 and positions added
+        (with a distillation token (B, N + 2, d_model), that token at N // 2 + 1).
 
         `box` (MixToken): the stem's tokens inside the box come from the reversed batch.
         """
@@ -171,7 +189,11 @@ class DeMansia2Net(nn.Module):
         mid = x.shape[1] // 2
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1)
-        return x + resample_pos_embed(self.pos_embed, self.grid, tuple(grid)).to(x.dtype)
+        x = x + resample_pos_embed(self.pos_embed, self.grid, tuple(grid)).to(x.dtype)
+        if self.has_dist_token:
+            x = torch.cat([x[:, : mid + 1], self.dist_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, mid + 1 :]],
+                          dim=1)
+        return x
 
     def forward_features(self, x: Tensor, box: tuple[int, int, int, int] | None = None) -> Tensor:
         """Image (B, C, H, W) -> normalised tokens (B, N + 1, d_model), class token at index N // 2."""
@@ -180,19 +202,26 @@ class DeMansia2Net(nn.Module):
             hidden, residual = layer(hidden, residual)
         return self.norm_f(hidden, residual=residual, prenorm=False, residual_in_fp32=True)
 
-    @staticmethod
-    def split_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, N + 1, d) -> class token (B, d), patch tokens (B, N, d)."""
-        mid = (x.shape[1] - 1) // 2
-        return x[:, mid], torch.cat([x[:, :mid], x[:, mid + 1 :]], dim=1)
+    def split_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N + 1, d) -> class token (B, d), patch tokens (B, N, d) (a distillation token is left out)."""
+        return self._split(x)[::2]
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(B, N + prefix, d) -> class token (B, d), distillation token (B, d) or None, patch tokens (B, N, d)."""
+        prefix = self.num_prefix_tokens
+        mid = (x.shape[1] - prefix) // 2
+        dist = x[:, mid + 1] if prefix == 2 else None
+        return x[:, mid], dist, torch.cat([x[:, :mid], x[:, mid + prefix :]], dim=1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Tokens (B, N + 1, d) -> logits (B, num_classes) = head(cls) + aux_weight * max_t aux_head(tokens);
-        `pre_logits` (or num_classes=0): the class token (B, d)."""
-        cls, tokens = self.split_tokens(x)
+        """Tokens (B, N + 1, d) -> logits (B, num_classes) = head(cls) + aux_weight * max_t aux_head(tokens), with a
+        distillation token (head(cls) + head_dist(dist)) / 2 + aux_weight * max_t aux_head(tokens);
+        `pre_logits` (or num_classes=0): the class token (B, d) (with a distillation token, the mean of the two)."""
+        cls, dist, tokens = self._split(x)
         if pre_logits or self.num_classes == 0:
-            return cls
-        return self.head(cls) + self.aux_weight * self.aux_head(tokens).amax(dim=1)
+            return cls if dist is None else (cls + dist) / 2
+        logits = self.head(cls) if dist is None else (self.head(cls) + self.head_dist(dist)) / 2
+        return logits + self.aux_weight * self.aux_head(tokens).amax(dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -203,12 +232,19 @@ class DeMansia2Net(nn.Module):
         With a MixToken `box` the token logits inside the box are swapped back to the image their patch came from,
         so they line up with each image's own (unmixed) dense targets; the class logits see the mixed image.
         """
-        cls, tokens = self.split_tokens(self.forward_features(x, box))
+        cls, aux, _ = self.forward_train_distill(x, box)
+        return cls, aux
+
+    def forward_train_distill(self, x: Tensor, box: tuple[int, int, int, int] | None = None,
+                              ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """`forward_train`'s class logits (B, K) and token logits (B, N, K), and the distillation head's logits
+        (B, K) (None without a distillation token)."""
+        cls, dist, tokens = self._split(self.forward_features(x, box))
         aux = self.aux_head(tokens)
         if box is not None:
             gh, gw = self.token_grid(x)
             aux = rearrange(swap_box(rearrange(aux, "b (h w) k -> b k h w", h=gh, w=gw), box), "b k h w -> b (h w) k")
-        return self.head(cls), aux
+        return self.head(cls), aux, None if dist is None else self.head_dist(dist)
 
     # ----- timm -----
     def get_classifier(self) -> nn.Module:
@@ -219,6 +255,8 @@ class DeMansia2Net(nn.Module):
         d = self.num_features
         self.head = nn.Linear(d, num_classes) if num_classes > 0 else nn.Identity()
         self.aux_head = nn.Linear(d, num_classes) if num_classes > 0 else nn.Identity()
+        if self.has_dist_token:
+            self.head_dist = nn.Linear(d, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
@@ -268,7 +306,7 @@ def net_kwargs(cfg: DeMansia2Config) -> dict[str, Any]:
                 attn_head_dim=cfg.attn_head_dim, rotary_dim=cfg.rotary_dim, d_state=cfg.d_state, d_conv=cfg.d_conv,
                 expand=cfg.expand, headdim=cfg.headdim, chunk_size=cfg.chunk_size, scan_mode=cfg.scan_mode,
                 stem_channels=cfg.stem_channels, drop_path_rate=cfg.drop_path, aux_weight=cfg.aux_weight,
-                stem=cfg.stem)
+                stem=cfg.stem, distill_token=getattr(cfg, "distill", "none") != "none")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,17 +4,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
 from callbacks.ema import EMA
-from losses.token_labeling import TokenLabelingLoss, one_hot_smoothed, token_label_targets
+from losses.distillation import HardDistillationLoss
+from losses.token_labeling import TokenLabelingLoss, one_hot_smoothed, soft_cross_entropy, token_label_targets
 from model_config import DeMansia2Config
 from models.demansia2.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DeMansia2Net,
     mix_box,
     net_kwargs,
+    swap_box,
 )
 from zoo.errors import ZooError
 from zoo.module import ZooModule
@@ -54,9 +59,10 @@ def load_released(net: nn.Module, cfg: DeMansia2Config) -> str:
         raise ZooError(f"pretrained=true loads the released DeMansia 2 Tiny, whose network is --preset "
                        f"{RELEASE_PRESET} (legacy mixer); this config's network differs ({len(wrong)} tensors do not "
                        f"fit, e.g. {wrong[:2]}; scan_mode={cfg.scan_mode}). Use --preset {RELEASE_PRESET}.")
-    net.load_state_dict(state, strict=heads)
+    distill = getattr(net, "has_dist_token", False)  # the released network has no distillation token: left new
+    net.load_state_dict(state, strict=heads and not distill)
     return (f"loaded the released DeMansia 2 Tiny EMA weights ({len(state)} tensors"
-            f"{'' if heads else ', class heads left new'})")
+            f"{'' if heads else ', class heads left new'}{', distillation token left new' if distill else ''})")
 
 
 class DeMansia2(ZooModule):
@@ -71,6 +77,10 @@ class DeMansia2(ZooModule):
       MixToken box are swapped back);
     - without: label-smoothed CE of the class logits (MixToken-mixed one-hot targets) + label-smoothed CE of the max
       over tokens of the token logits (the term the eval logits add) against the image's label.
+    - with `distill=hard` (DeiT): the class term becomes (1 - distill_weight) * that class CE + distill_weight * CE of
+      the distillation token's head against the argmax of the frozen `teacher` on the same augmented image (with
+      MixToken, the image with the box's pixels from the reversed batch). The teacher is loaded at fit time from the
+      config (a resumed run reloads it) and is never part of the module's state_dict or checkpoints.
     Validation: top-1/top-5 and CE of head(cls) + aux_weight * max_t aux_head(tokens); with EMA the EMA weights give
     val/top1, val/top5, val/loss and the raw weights val/top1_raw, val/top5_raw, val/loss_raw.
     """
@@ -84,6 +94,8 @@ class DeMansia2(ZooModule):
         cfg = self.cfg
         self.net = build_network(cfg)
         self.criterion = TokenLabelingLoss(cfg.cls_label_weight, cfg.token_label_weight)
+        self.distill_loss = HardDistillationLoss(cfg.distill_weight) if cfg.distill == "hard" else None
+        self._teacher = None  # models.demansia2.token_labels.Teacher: a plain attribute, never a submodule
         k = max(cfg.num_classes, 1)
         self.metrics = nn.ModuleDict({
             name: torchmetrics.classification.MulticlassAccuracy(num_classes=k, top_k=min(top, k), average="micro")
@@ -100,7 +112,35 @@ class DeMansia2(ZooModule):
         resumable; the cost is printed), before the training loader reads them."""
         if stage == "fit" and self.cfg.pretrained and not getattr(self._trainer, "ckpt_path", None):
             print(f"[demansia2] {load_released(self.net, self.cfg)}")
+        if stage == "fit" and self.distill_loss is not None:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            index = getattr(dm, "train_index", None)
+            self.load_teacher(list(index.classes) if index is not None else None)
         self._make_token_labels(stage)
+
+    def load_teacher(self, classes: list[str] | None = None):
+        """The distillation teacher from `cfg.teacher` (a zoo checkpoint read weights-only, or a timm name with its
+        pretrained weights), frozen, in eval mode, its classes checked against the data's (`classes`: the class
+        folders; None: `cfg.num_classes`). Loaded under a forked RNG, so it draws nothing from the run's generators."""
+        from models.demansia2.token_labels import check_classes, load_teacher
+
+        spec = self.cfg.teacher
+        with torch.random.fork_rng(devices=[]):
+            teacher = load_teacher(spec, pretrained=not Path(spec).expanduser().is_file())
+        teacher.name = f"(--set teacher={spec})"
+        classes = classes or [str(k) for k in range(self.cfg.num_classes)]
+        check_classes(teacher, classes, use=f"distill={self.cfg.distill} (num_classes={self.cfg.num_classes}) needs",
+                      top_k=False)
+        teacher.net.eval().requires_grad_(False)
+        self._teacher = teacher
+        return teacher
+
+    def teacher_logits(self, x: Tensor) -> Tensor:
+        """The frozen teacher's logits (B, K) of the student's (augmented, normalised) images (B, 3, H, W)."""
+        teacher = self._teacher or self.load_teacher()
+        if next(teacher.net.parameters()).device != x.device:
+            teacher.net.to(x.device)
+        return teacher.logits(x, IMAGENET_MEAN, IMAGENET_STD)
 
     # ----- training -----
     @property
@@ -116,7 +156,7 @@ class DeMansia2(ZooModule):
             return loss
         grid = self.net.token_grid(x)
         box, lam = mix_box(grid) if cfg.mix_token else (None, 1.0)
-        cls_logits, token_logits = self.net.forward_train(x, box)
+        cls_logits, token_logits, dist_logits = self.net.forward_train_distill(x, box)
         if "label_map" in batch:
             cls_target, token_target = token_label_targets(batch["label_map"], batch["box"], batch["flip"],
                                                            cfg.num_classes, grid, cfg.label_smoothing,
@@ -129,7 +169,18 @@ class DeMansia2(ZooModule):
             token_target, max_target = None, cls_target
         if box is not None:
             cls_target = lam * cls_target + (1.0 - lam) * cls_target.flip(0)
-        loss, parts = self.criterion(cls_logits, token_logits, cls_target, token_target, max_target)
+        extra = {}
+        if self.distill_loss is not None:
+            # The teacher sees what the student sees: with MixToken, the box's pixels from the reversed batch.
+            stride = self.net.patch_embed.stride
+            seen = x if box is None else swap_box(x, tuple(v * stride for v in box))
+            teacher = self.teacher_logits(seen)
+            extra["cls_loss"], dist = self.distill_loss(soft_cross_entropy(cls_logits, cls_target), dist_logits,
+                                                        teacher)
+            self.log_dict({"train/loss_dist": dist,
+                           "train/teacher_top1": (teacher.argmax(-1) == labels).float().mean()},
+                          on_step=False, on_epoch=True, batch_size=len(x))
+        loss, parts = self.criterion(cls_logits, token_logits, cls_target, token_target, max_target, **extra)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
         self.log_dict({"train/loss_cls": parts["cls"], "train/loss_token": parts["token"]}, on_step=False,
                       on_epoch=True, batch_size=len(x))
@@ -166,6 +217,8 @@ class DeMansia2(ZooModule):
     def _make_token_labels(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage != "fit" or not getattr(self.cfg, "teacher", None) or not hasattr(dm, "token_label_root"):
+            return
+        if dm.token_label_root() is None:  # distill without token_label_dir: the teacher makes no token labels
             return
         if self.trainer.is_global_zero:
             from models.demansia2.token_labels import load_teacher, make_token_labels

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 from torch import Tensor, nn
@@ -67,6 +68,24 @@ class Teacher:
         if self.class_map is not None:
             scores = scores.index_select(1, self.class_map.to(scores.device))
         return scores.float()
+
+    @torch.no_grad()
+    def logits(self, x: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+               ) -> Tensor:
+        """The teacher's class logits (B, K') of a student batch: images (B, 3, H, W) normalised with `mean` / `std`
+        (the student's pipeline), re-normalised for the teacher and resized to its input size where those differ;
+        K' = dataset classes when `class_map` is set."""
+        if tuple(mean) != tuple(self.mean) or tuple(std) != tuple(self.std):
+            m, s = (torch.tensor(v, device=x.device, dtype=x.dtype)[:, None, None] for v in (mean, std))
+            tm, ts = (torch.tensor(v, device=x.device, dtype=x.dtype)[:, None, None] for v in (self.mean, self.std))
+            x = (x * s + m - tm) / ts
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        logits = self.net(x)
+        if self.class_map is not None:
+            logits = logits.index_select(1, self.class_map.to(logits.device))
+        return logits.float()
 
 
 def dense_logits(net: nn.Module, x: Tensor) -> Tensor:
@@ -117,18 +136,19 @@ def imagenet_class_map(classes: list[str], num_classes: int) -> Tensor | None:
     return torch.tensor([wnids[c] for c in classes])
 
 
-def check_classes(teacher: Teacher, classes: list[str]) -> None:
-    """Match the teacher's classes with the dataset's class folders (sets `class_map` for ImageNet teachers)."""
+def check_classes(teacher: Teacher, classes: list[str], use: str = "token labels need", top_k: bool = True) -> None:
+    """Match the teacher's classes with the dataset's class folders (sets `class_map` for ImageNet teachers).
+    `use` words what needs them in the error; `top_k`: the dataset must also have TOP_K classes (token labels)."""
     if teacher.num_classes == len(classes):
         return
     teacher.class_map = imagenet_class_map(classes, teacher.num_classes)
     if teacher.class_map is None:
         raise ZooError(f"The teacher {teacher.name} has {teacher.num_classes} classes but the dataset has "
-                       f"{len(classes)} class folders ({', '.join(classes[:3])}, ...): token labels need the "
+                       f"{len(classes)} class folders ({', '.join(classes[:3])}, ...): {use} the "
                        f"teacher's classes to be the dataset's. Train the teacher on this dataset (e.g. `train.py "
                        f"--model demansia2 --set backbone=resnet18 --data-dir ...`), or use an ImageNet teacher on "
                        f"class folders named by ImageNet wnids.")
-    if len(classes) < TOP_K:
+    if top_k and len(classes) < TOP_K:
         raise ZooError(f"token labels hold the top {TOP_K} classes: the dataset has only {len(classes)}")
 
 
