@@ -1,12 +1,13 @@
 """last.ckpt that is never lost: written when fit ends at an unsaved step, and when a run crashes or is interrupted."""
 from __future__ import annotations
 
+import copy
 import shlex
 import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 
 def resume_command(ckpt_path: str | Path, model: str | None = None) -> str:
@@ -30,19 +31,43 @@ def resume_command(ckpt_path: str | Path, model: str | None = None) -> str:
                      shlex.quote(str(ckpt_path))])
 
 
-class FinalCheckpoint(L.Callback):
-    """Saves `<dirpath>/last.ckpt` at the end of fit unless a ModelCheckpoint already saved that global step
-    (e.g. `--max-steps` stopping mid-epoch)."""
+class FinalCheckpoint(Checkpoint):
+    """Saves `<dirpath>/last.ckpt` at the end of fit unless a ModelCheckpoint already saved that global step.
+
+    A Lightning `Checkpoint`, so it runs after every other callback, those a module configures included (the EMA swap
+    at the end of fit). A run that `--max-steps` stops mid-epoch is written with the loops' state taken right after
+    its last step, as a periodic step checkpoint holds it: by the end of fit Lightning has closed the epoch, and a file
+    with that state would resume at the next epoch and skip the rest of this one."""
 
     def __init__(self, dirpath: str | Path):
         self.dirpath = Path(dirpath)
+        self._open_epoch: dict | None = None  # loops state and epoch after a mid-epoch --max-steps stop
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.max_steps < 0:
+            return
+        if trainer.global_step >= trainer.max_steps and batch_idx + 1 < trainer.num_training_batches:
+            loops = trainer._checkpoint_connector._get_loops_state_dict()
+            self._open_epoch = {"loops": copy.deepcopy(loops), "epoch": trainer.current_epoch}
+            for cb in trainer.checkpoint_callbacks:  # their `last` at the end of fit would close the epoch: ours instead
+                if isinstance(cb, ModelCheckpoint) and cb.save_last:
+                    cb._last_checkpoint_saved = cb.last_model_path = str(self.dirpath / "last.ckpt")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         saved = [cb._last_global_step_saved for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-        if trainer.global_step not in saved:
-            trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
+        if self._open_epoch is not None or trainer.global_step not in saved:
+            self._writing = True
+            try:
+                trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
+            finally:
+                self._writing = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if getattr(self, "_writing", False) and self._open_epoch is not None:
+            checkpoint["loops"] = self._open_epoch["loops"]
+            checkpoint["epoch"] = self._open_epoch["epoch"]
 
 
 class CrashCheckpoint(L.Callback):

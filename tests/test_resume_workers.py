@@ -174,3 +174,18 @@ def test_real_signal_then_resume(toy_registered, uninterrupted, signal_name, at,
     a, b = uninterrupted, read_checkpoint(last)
     assert a["global_step"] == b["global_step"] == 24
     _assert_same(a["state_dict"], b["state_dict"], f"real SIG{signal_name}")
+
+
+@pytest.mark.parametrize("max_steps", [5, 11])
+def test_a_run_stopped_by_max_steps_mid_epoch_resumes_exactly(toy_registered, max_steps):
+    """`--max-steps N` ends a run mid-epoch: its last.ckpt is that step's (the epoch still open, the step's RNG
+    state), so `--resume` without the flag finishes the rest of the epoch and equals the uninterrupted run."""
+    common = ["--model", "toy", "--logger", "none", "--progress", "none", "--num-workers", "2"]
+    full = train.run(common + ["--run-name", "full"])
+    train.run(common + ["--run-name", "part", "--max-steps", str(max_steps)])
+    last = toy_registered / "checkpoints" / "toy" / "part" / "last.ckpt"
+    saved = read_checkpoint(last)
+    assert (saved["global_step"], saved["epoch"]) == (max_steps, 0)
+    out = train.run(common + ["--resume", str(last)])
+    assert out["trainer"].global_step == full["trainer"].global_step == 24
+    _assert_same(_state(full), _state(out), f"--max-steps {max_steps} then resumed")

@@ -203,10 +203,10 @@ def build_callbacks(opts: RunOptions) -> list[L.Callback]:
             enable_version_counter=False,  # one last.ckpt per run, whichever checkpointer wrote it last
         ),
         CrashCheckpoint(dirpath=ckpt_dir, filename="last", model=opts.model),
-        FinalCheckpoint(ckpt_dir),
         RNGStateCallback(),
         EpochEndResume(),
         DivergenceGuard(),
+        FinalCheckpoint(ckpt_dir),  # a Checkpoint: Lightning runs it after every other callback
         *compiling,
     ]
     if opts.ckpt_every_n_steps > 0:
