@@ -42,6 +42,7 @@ class FinalCheckpoint(Checkpoint):
     def __init__(self, dirpath: str | Path):
         self.dirpath = Path(dirpath)
         self._open_epoch: dict | None = None  # loops state and epoch after a mid-epoch --max-steps stop
+        self._writing = False  # our own save is in progress (on_save_checkpoint sees every callback's saves)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.max_steps < 0:
@@ -65,7 +66,7 @@ class FinalCheckpoint(Checkpoint):
                 self._writing = False
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if getattr(self, "_writing", False) and self._open_epoch is not None:
+        if self._writing and self._open_epoch is not None:
             checkpoint["loops"] = self._open_epoch["loops"]
             checkpoint["epoch"] = self._open_epoch["epoch"]
 
