@@ -198,6 +198,27 @@ def test_hand_published_starts_from_the_vmamba_small_release_without_a_flag(cach
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_the_release_is_fetched_in_prepare_data_and_never_for_a_resume(cache, micro_sized_small):
+    """Lightning's `prepare_data` (once per node, before every rank's `setup`) is where a new run fetches the release:
+    offline with an empty cache it is the one that stops; a resume (the trainer's ckpt_path set) fetches nothing."""
+    from types import SimpleNamespace
+
+    from model_config import HandConfig, PalmConfig
+    from models.hand.module import HandBiometrics
+    from models.palm.module import PalmDiffusion
+
+    hand = HandBiometrics(config=HandConfig.from_presets("published").replace(image_size=32))
+    palm = PalmDiffusion(config=PalmConfig.from_presets("published").replace(pretrained=True))
+    for module, file in ((hand, "vssmsmall_dp03_ckpt_epoch_238.pth"), (palm, "model-88.pt")):
+        module._trainer = SimpleNamespace(ckpt_path="last.ckpt")
+        module.prepare_data()
+        assert not cache.exists()
+        module._trainer = None
+        with pytest.raises(ZooError, match=file):
+            module.prepare_data()
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_hand_published_offline_without_the_release_is_one_line(cache, micro_sized_small, tmp_path, capsys):
     """Offline, empty cache: `--preset published` stops before training with one line naming the release URL, the file
     and the folder (exit 2). A file named by pretrained_ckpt takes precedence: nothing is fetched then; `micro` after

@@ -100,6 +100,18 @@ class ZooModule(L.LightningModule):
         else:
             scheduler.step_update(num_updates=self.global_step)
 
+    # ----- released weights -----
+    def prepare_data(self) -> None:
+        """Lightning calls this once per node (local rank 0) before every rank's `setup`: a new run (never a resume)
+        fetches and converts the released weights it starts from into the cache here, so the ranks of a multi-device
+        run read the cache instead of downloading the file each."""
+        if not getattr(self._trainer, "ckpt_path", None):
+            self.fetch_released()
+
+    def fetch_released(self) -> None:
+        """Fill `zoo.pretrained`'s cache with the released weights `setup` will load; nothing by default (tasks with
+        a `pretrained` field override it)."""
+
     # ----- size -----
     def parameter_count(self) -> int:
         """Parameters of the network (each Parameter once); a task holding a weight copy (an EMA submodule)

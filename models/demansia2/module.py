@@ -42,14 +42,20 @@ def build_network(cfg: DeMansia2Config) -> nn.Module:
     return timm.create_model(cfg.backbone, num_classes=cfg.num_classes, **extra)
 
 
+def released_tiny_state() -> dict[str, Tensor]:
+    """The released DeMansia 2 Tiny EMA weights in our names (`zoo.pretrained`: cached, else downloaded, converted)."""
+    from models.demansia2.model import default_cfgs, released_state
+    from zoo.pretrained import pretrained_state
+
+    return pretrained_state("demansia2_tiny", default_cfgs["demansia2_tiny"].default.to_dict(), released_state)
+
+
 def load_released(net: nn.Module, cfg: DeMansia2Config) -> str:
     """Load the released DeMansia 2 Tiny EMA weights (`zoo.pretrained`: cached, else downloaded and converted) into
     `net`; the class heads only when there are 1000 classes. Returns a one-line report."""
-    from models.demansia2.model import RELEASE_PRESET, default_cfgs, released_state
-    from zoo.pretrained import pretrained_state
+    from models.demansia2.model import RELEASE_PRESET
 
-    name = "demansia2_tiny"
-    state = pretrained_state(name, default_cfgs[name].default.to_dict(), released_state)
+    state = released_tiny_state()
     heads = cfg.num_classes == 1000
     if not heads:
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "aux_head."))}
@@ -105,6 +111,10 @@ class DeMansia2(ZooModule):
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W), normalised with ImageNet mean/std -> logits (B, num_classes)."""
         return self.net(x)
+
+    def fetch_released(self) -> None:
+        if self.cfg.pretrained:
+            released_tiny_state()
 
     def setup(self, stage: str) -> None:
         """`pretrained`: the released Tiny EMA weights start a new run (never a resume, never a checkpoint's own

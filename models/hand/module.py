@@ -141,12 +141,7 @@ class HandBiometrics(Embedder, ZooModule):
         fresh = stage == "fit" and not getattr(self._trainer, "ckpt_path", None)  # not a resume
         if fresh and self.cfg.pretrained and not path:  # weights loaded here, not on every load
             if self.cfg.backbone == "own":  # VMamba v0's release of this size (zoo.pretrained: cached)
-                from models.vmamba.convert import vmamba_v0_release_state
-                from models.vmamba.model import _vmamba_cfg
-                from zoo.pretrained import pretrained_state
-
-                name = f"vmamba_{self.cfg.encoder}_v0"
-                state = pretrained_state(name, _vmamba_cfg(self.cfg.encoder), vmamba_v0_release_state)
+                name, state = self._encoder_release()
                 report = load_vmamba_v0(self.net.encoder, state)
                 print(f"[hand] loaded the released {name} weights into the encoder ({len(report['missing'])} "
                       f"encoder key(s) not loaded {report['missing'][:3]})")
@@ -158,6 +153,19 @@ class HandBiometrics(Embedder, ZooModule):
             print(f"[hand] loaded VMamba v0 weights from {path}: {len(report['missing'])} encoder key(s) not loaded "
                   f"{report['missing'][:5]}, {len(report['unexpected'])} checkpoint key(s) unused "
                   f"{report['unexpected'][:5]}, {len(report['mismatched'])} with another shape {report['mismatched'][:5]}")
+
+    def _encoder_release(self) -> tuple[str, dict]:
+        """(timm name, weights) of the VMamba v0 release of this encoder size (zoo.pretrained: cached)."""
+        from models.vmamba.convert import vmamba_v0_release_state
+        from models.vmamba.model import _vmamba_cfg
+        from zoo.pretrained import pretrained_state
+
+        name = f"vmamba_{self.cfg.encoder}_v0"
+        return name, pretrained_state(name, _vmamba_cfg(self.cfg.encoder), vmamba_v0_release_state)
+
+    def fetch_released(self) -> None:
+        if self.cfg.pretrained and not self.cfg.pretrained_ckpt and self.cfg.backbone == "own":
+            self._encoder_release()
 
     def configure_callbacks(self):
         if self.cfg.early_stopping_patience > 0:

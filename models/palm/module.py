@@ -89,6 +89,12 @@ class PalmDiffusion(ZooModule):
             print(f"[palm] loaded the EMA weights of the released {RELEASE_FILE} "
                   f"({len(state)} tensors) into the network and its EMA copy")
 
+    def fetch_released(self) -> None:
+        if self.cfg.pretrained:
+            from models.palm.convert import released_weights
+
+            released_weights(self.cfg)
+
     def on_fit_start(self) -> None:
         if self.cfg.max_steps > 0 and self.trainer.max_steps in (-1, None):
             self.trainer.fit_loop.epoch_loop.max_steps = int(self.cfg.max_steps)
