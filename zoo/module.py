@@ -105,8 +105,14 @@ class ZooModule(L.LightningModule):
         """Lightning calls this once per node (local rank 0) before every rank's `setup`: a new run (never a resume)
         fetches and converts the released weights it starts from into the cache here, so the ranks of a multi-device
         run read the cache instead of downloading the file each."""
-        if not getattr(self._trainer, "ckpt_path", None):
+        if self.starts_fresh:
             self.fetch_released()
+
+    @property
+    def starts_fresh(self) -> bool:
+        """Whether this fit starts new weights (no trainer yet, or a fit that is not a `--resume`): only then does a
+        run load released or `init_from` weights."""
+        return not getattr(self._trainer, "ckpt_path", None)
 
     def fetch_released(self) -> None:
         """Fill `zoo.pretrained`'s cache with the released weights `setup` will load; nothing by default (tasks with

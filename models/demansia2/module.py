@@ -120,7 +120,7 @@ class DeMansia2(ZooModule):
         """`pretrained`: the released Tiny EMA weights start a new run (never a resume, never a checkpoint's own
         weights). `teacher`: the token labels missing from the datamodule's label folder are made first (on rank 0,
         resumable; the cost is printed), before the training loader reads them."""
-        if stage == "fit" and self.cfg.pretrained and not getattr(self._trainer, "ckpt_path", None):
+        if stage == "fit" and self.cfg.pretrained and self.starts_fresh:
             print(f"[demansia2] {load_released(self.net, self.cfg)}")
         if stage == "fit" and self.distill_loss is not None:
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -93,7 +93,7 @@ class FaceEmbedder(Embedder, ZooModule):
     # ----- training -----
     def setup(self, stage: str) -> None:
         # `init_from` starts a new run only: a resumed run already holds its own trained weights.
-        if stage == "fit" and self.cfg.init_from and not getattr(self._trainer, "ckpt_path", None):
+        if stage == "fit" and self.cfg.init_from and self.starts_fresh:
             from models.backbones import init_from_checkpoint
 
             print(f"[face] {init_from_checkpoint(self.net.encoder, self.cfg.init_from)}")

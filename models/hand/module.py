@@ -138,7 +138,7 @@ class HandBiometrics(Embedder, ZooModule):
         """A new run's encoder weights (never a resume's, never a checkpoint's own): the file `pretrained_ckpt` names,
         which takes precedence, else with `pretrained` the released ones (on in `published`: VMamba v0 Small)."""
         path = self.cfg.pretrained_ckpt
-        fresh = stage == "fit" and not getattr(self._trainer, "ckpt_path", None)  # not a resume
+        fresh = stage == "fit" and self.starts_fresh
         if fresh and self.cfg.pretrained and not path:  # weights loaded here, not on every load
             if self.cfg.backbone == "own":  # VMamba v0's release of this size (zoo.pretrained: cached)
                 name, state = self._encoder_release()

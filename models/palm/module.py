@@ -76,7 +76,7 @@ class PalmDiffusion(ZooModule):
     def setup(self, stage: str) -> None:
         """`pretrained`: a new run (never a resume, never a checkpoint's own weights) starts from the released
         model-88.pt's EMA weights, in the network and its EMA copy alike."""
-        if stage == "fit" and self.cfg.pretrained and not getattr(self._trainer, "ckpt_path", None):
+        if stage == "fit" and self.cfg.pretrained and self.starts_fresh:
             from models.palm.convert import RELEASE_FILE, released_weights
 
             state = released_weights(self.cfg)
